@@ -1,0 +1,312 @@
+"""CSRModel: backbone -> concepts -> projector -> prototypes -> similarity maps -> task head.
+
+The forward pass is split in two (DESIGN section 1): ``encode`` runs everything that does
+not depend on the user (F, C, P, S) once per image; ``reason`` runs everything that does
+(the importance map A, the masks, the spatial max, H) and is cheap enough to re-run on
+every mouse event.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from ..config import CSRConfig
+from .backbone import Backbone
+from .grid import FeatureGrid
+from .heads import ConceptHead, Projector, TaskHead
+from .interaction import Interaction, importance_map
+
+SimilarityHook = Callable[["CSRModel", torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class Encoding:
+    """What ``encode`` computes once per image batch.
+
+    similarity_maps: (B, K, M, h, w) S, cosine similarity of every prototype to every patch
+    concept_maps:    (B, K, h, w)    CAM, the concept head's activation maps
+    concept_logits:  (B, K)          global average of CAM
+    image_size:      (H, W)          size of the images given to ``encode``, in pixels
+    """
+
+    similarity_maps: torch.Tensor
+    concept_maps: torch.Tensor
+    concept_logits: torch.Tensor
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.similarity_maps.shape[0]
+
+    def __getitem__(self, index) -> "Encoding":
+        """The encoding of a sub-batch (an int keeps the batch axis)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return Encoding(self.similarity_maps[index], self.concept_maps[index], self.concept_logits[index], self.image_size)
+
+    def to(self, device) -> "Encoding":
+        return Encoding(self.similarity_maps.to(device), self.concept_maps.to(device), self.concept_logits.to(device), self.image_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.similarity_maps, self.concept_maps, self.concept_logits))
+
+
+@dataclass
+class Reasoning:
+    """What ``reason`` returns (N classes, K concepts, M prototypes per concept).
+
+    similarity_maps: (B, K, M, h, w) S after the importance map and the similarity hooks
+    importance_map:  (B, h, w)       A on the feature grid (all ones without boxes)
+    scores:          (B, K, M)       s = max_hw max(A * S, 0), rejected concepts replaced
+    concept_logits:  (B, K)          from the concept head (not changed by the user)
+    logits:          (B, N)          = contributions.sum(-1) + task head bias
+    probs:           (B, N)          softmax of logits
+    contributions:   (B, N, K)       each concept's share of each class logit
+    needs_review:    (B,)            p(top-1) - p(top-2) < config.review_margin
+    """
+
+    similarity_maps: torch.Tensor
+    importance_map: torch.Tensor
+    scores: torch.Tensor
+    concept_logits: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    contributions: torch.Tensor
+    needs_review: torch.Tensor
+
+    @property
+    def concept_probs(self) -> torch.Tensor:
+        """(B, K) sigmoid of the concept logits."""
+        return torch.sigmoid(self.concept_logits)
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        """(B,) index of the most probable class."""
+        return self.probs.argmax(-1)
+
+    def to(self, device) -> "Reasoning":
+        return Reasoning(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+class CSRModel(nn.Module):
+    """Concept-based Similarity Reasoning (Huy et al., CVPR 2025).
+
+    Public extension points used by the widgets (and nothing else):
+      - ``register_similarity_hook(fn)``: fn(model, similarity_maps) may return new maps;
+      - ``concept_mask`` (K,) bool buffer: False = concept rejected for every image;
+      - ``prototype_mask`` (K, M) bool buffer: False = prototype pruned (it enters H as 0).
+    """
+
+    def __init__(self, config: CSRConfig):
+        super().__init__()
+        if not isinstance(config, CSRConfig):
+            raise TypeError(f"CSRModel needs a CSRConfig, got {type(config).__name__}.")
+        self.config = config
+        K, M, D = config.num_concepts, config.prototypes_per_concept, config.embedding_dim
+        self.backbone = Backbone(config)
+        channels = self.backbone.out_channels
+        self.concept_head = ConceptHead(channels, K)
+        self.projector = Projector(channels, D, config.projector_blocks)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(K, M, D), dim=-1))
+        self.task_head = TaskHead(K, M, config.num_classes)
+        self.register_buffer("concept_mask", torch.ones(K, dtype=torch.bool))
+        self.register_buffer("prototype_mask", torch.ones(K, M, dtype=torch.bool))
+        # Mean score of each prototype over training images without its concept: what a
+        # rejected concept's scores become. Zeros until stage 3 measures it.
+        self.register_buffer("absent_baseline", torch.zeros(K, M))
+        mean = torch.tensor(config.pixel_mean).view(1, -1, 1, 1)
+        std = torch.tensor(config.pixel_std).view(1, -1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+        self._similarity_hooks: OrderedDict[int, SimilarityHook] = OrderedDict()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def concepts(self) -> list[str]:
+        return self.config.concepts
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes
+
+    @property
+    def grid(self) -> FeatureGrid:
+        return self.backbone.grid
+
+    @property
+    def device(self) -> torch.device:
+        return self.prototypes.device
+
+    # ----------------------------------------------------------------- hooks
+    def register_similarity_hook(self, hook: SimilarityHook) -> RemovableHandle:
+        """Call ``hook(model, similarity_maps)`` on (B, K, M, h, w) maps after A, in ``reason``.
+
+        A hook may return a tensor of the same shape to replace the maps. Returns a handle
+        whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._similarity_hooks)
+        self._similarity_hooks[handle.id] = hook
+        return handle
+
+    def concept_index(self, names: Sequence[str] | set[str]) -> list[int]:
+        """Positions of concept names, with a clear error for unknown ones."""
+        unknown = sorted(set(names) - set(self.concepts))
+        if unknown:
+            raise ValueError(f"Unknown concept names {unknown}; this model's concepts are {self.concepts}.")
+        return [self.concepts.index(name) for name in names]
+
+    # ----------------------------------------------------------------- the pass
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) images in [0, 1] -> f (B, C, h, w). Validates the images."""
+        images = self._check_images(images)
+        return self.backbone((images - self.pixel_mean) / self.pixel_std)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """f (B, C, h, w) -> z (B, h, w, D), L2-normalised along D."""
+        return self.projector(features.permute(0, 2, 3, 1))
+
+    def similarity(self, patches: torch.Tensor) -> torch.Tensor:
+        """z (B, h, w, D) -> S (B, K, M, h, w), cosine similarity to every prototype."""
+        return torch.einsum("bhwd,kmd->bkmhw", patches, F.normalize(self.prototypes, dim=-1))
+
+    def encode(self, images: torch.Tensor) -> Encoding:
+        """Everything that does not depend on the user: F, C, P and S. Once per image."""
+        features = self.features(images)
+        concept_maps = self.concept_head(features)
+        return Encoding(
+            similarity_maps=self.similarity(self.project(features)),
+            concept_maps=concept_maps,
+            concept_logits=concept_maps.mean(dim=(-2, -1)),
+            image_size=tuple(images.shape[-2:]),
+        )
+
+    def reason(self, encoding: Encoding, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
+        """Everything the user can change: A, the masks, the spatial max and H."""
+        if not isinstance(encoding, Encoding):
+            raise TypeError(f"reason() takes the Encoding that encode() returns, got {type(encoding).__name__}.")
+        interactions = self._check_interactions(interaction, len(encoding))
+        maps = encoding.similarity_maps
+        B, K, M, h, w = maps.shape
+        importance = self.importance(interactions, encoding.image_size, (h, w))
+        if importance is not None:
+            importance = importance.to(maps)
+            maps = maps * importance[:, None, None]
+        for hook in self._similarity_hooks.values():
+            replaced = hook(self, maps)
+            if replaced is not None:
+                if replaced.shape != maps.shape:
+                    raise ValueError(f"A similarity hook returned shape {tuple(replaced.shape)}, expected {tuple(maps.shape)}.")
+                maps = replaced
+        scores = maps.clamp(min=0).amax(dim=(-2, -1))
+        rejected = self._rejection_mask(interactions, B)  # (B, K) True = rejected
+        if rejected.any():
+            replacement = self.absent_baseline if self.config.rejection == "baseline" else torch.zeros_like(self.absent_baseline)
+            scores = torch.where(rejected[..., None], replacement.expand_as(scores), scores)
+        standardised = self.task_head.standardise(scores) * self.prototype_mask
+        contributions = self.task_head.contributions(standardised)
+        logits = contributions.sum(-1) + self.task_head.bias
+        probs = logits.softmax(-1)
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        return Reasoning(
+            similarity_maps=maps,
+            importance_map=importance if importance is not None else maps.new_ones(B, h, w),
+            scores=scores,
+            concept_logits=encoding.concept_logits,
+            logits=logits,
+            probs=probs,
+            contributions=contributions,
+            needs_review=(top[:, 0] - top[:, -1]) < self.config.review_margin,
+        )
+
+    def forward(self, images: torch.Tensor, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
+        return self.reason(self.encode(images), interaction)
+
+    def importance(self, interactions: list[Interaction] | None, image_size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor | None:
+        """A (B, h, w): each image's boxes at image resolution, area-averaged to the grid.
+
+        None when no image has a box (A = 1 everywhere, nothing to multiply).
+        """
+        if interactions is None or not any(i.boxes for i in interactions):
+            return None
+        H, W = image_size
+        maps = []
+        for interaction in interactions:
+            boxes = [b.clipped(W, H) for b in interaction.boxes]
+            if any(b is None for b in boxes):
+                outside = [b for b, c in zip(interaction.boxes, boxes) if c is None]
+                raise ValueError(f"Boxes {outside} lie entirely outside the {W}x{H} image (x0, y0, x1, y1 in pixels).")
+            alpha = self.config.alpha if interaction.alpha is None else interaction.alpha
+            maps.append(importance_map(boxes, H, W, alpha))
+        return self.grid.area_average(torch.stack(maps).to(self.device), cells)
+
+    # ----------------------------------------------------------------- checks
+    def _check_images(self, images) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"Images must be a torch.Tensor of shape (B, {self.config.in_channels}, H, W), got "
+                f"{type(images).__name__}; csr_widgets.data.read_image converts arrays, PIL images and files."
+            )
+        if images.ndim != 4:
+            hint = " (one image? use images.unsqueeze(0))" if images.ndim == 3 else ""
+            raise ValueError(f"Images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}.")
+        if images.shape[0] == 0:
+            raise ValueError("Empty batch: images has 0 images.")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"Images must be floating point in [0, 1], got {images.dtype}; convert 8-bit images "
+                "with images.float() / 255 (16-bit: / 65535)."
+            )
+        if images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"Images have {images.shape[1]} channels but this model takes in_channels="
+                f"{self.config.in_channels}; convert them (e.g. images.mean(1, keepdim=True) for grey, "
+                "images.expand(-1, 3, -1, -1) for RGB)."
+            )
+        if not torch.isfinite(images).all():
+            raise ValueError("Images contain NaN or infinite pixels.")
+        if self.backbone.fixed_input_size and tuple(images.shape[-2:]) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"Backbone {self.config.backbone!r} needs {self.config.image_size}x{self.config.image_size} "
+                f"images, got {images.shape[-1]}x{images.shape[-2]}; resize them first."
+            )
+        smallest = 2 * self.grid.stride
+        if min(images.shape[-2:]) < smallest:
+            raise ValueError(f"Images of {images.shape[-1]}x{images.shape[-2]} px are smaller than this backbone's minimum of {smallest} px.")
+        return images.to(self.device, self.prototypes.dtype)
+
+    def _check_interactions(self, interaction, batch: int) -> list[Interaction] | None:
+        if interaction is None:
+            return None
+        interactions = [interaction] * batch if isinstance(interaction, Interaction) else list(interaction)
+        if not all(isinstance(i, Interaction) for i in interactions):
+            raise TypeError("interaction must be an Interaction or a list of one Interaction per image.")
+        if len(interactions) != batch:
+            raise ValueError(f"{len(interactions)} interactions for a batch of {batch} images: give one per image, or a single Interaction for all.")
+        for i in interactions:
+            self.concept_index(i.rejected)
+        return interactions
+
+    def _rejection_mask(self, interactions: list[Interaction] | None, batch: int) -> torch.Tensor:
+        rejected = (~self.concept_mask).expand(batch, -1).clone()
+        for b, interaction in enumerate(interactions or ()):
+            rejected[b, self.concept_index(interaction.rejected)] = True
+        return rejected
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        """Write weights and config to one safetensors file (config as JSON in its header)."""
+        from .checkpoint import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path, device=None, config: CSRConfig | None = None) -> "CSRModel":
+        """Rebuild a saved model; refuses files that do not match ``config`` when given."""
+        from .checkpoint import load_model
+
+        return load_model(path, device=device, config=config)

@@ -1,0 +1,120 @@
+"""FeatureGrid: the one place where feature cells and image pixels meet.
+
+Convention: pixel i has its centre at coordinate i (integer indices, not i + 0.5), and
+feature cell j is centred on the input pixel ``offset + stride * j``. A CNN with "same"
+padding has offset 0 (a 3x3 stride-2 conv centres output j on input 2j); a patchify stem
+or a ViT has offset (stride - 1) / 2. Bilinear upsampling with ``align_corners=False``
+silently assumes the latter, which puts a resnet's maxima half a cell off: on small
+lesions that alone costs several points of Pointing Game (DESIGN section 8). Every heatmap
+the package draws or scores, and every box mapped onto the grid, goes through this class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    channels: int  # C: channels of the feature map f
+    stride: int  # input pixels per feature cell
+    offset: float  # input pixel on which cell 0 is centred
+
+    def centres(self, cells: int, device=None) -> torch.Tensor:
+        """(cells,) pixel coordinates of the cell centres along one axis."""
+        return self.offset + self.stride * torch.arange(cells, device=device, dtype=torch.float32)
+
+    def interpolation_matrix(self, pixels: int, cells: int, mode: str = "bilinear", device=None) -> torch.Tensor:
+        """(pixels, cells) weights that carry a 1-D cell signal to pixels.
+
+        "bilinear": linear between neighbouring cell centres, constant beyond the outer ones.
+        "nearest": each pixel takes the cell whose centre is closest (the cells as blocks).
+        """
+        position = (torch.arange(pixels, device=device, dtype=torch.float32) - self.offset) / self.stride
+        position = position.clamp(0, cells - 1)
+        if mode == "nearest":
+            nearest = torch.floor(position + 0.5).long().clamp(max=cells - 1)
+            return torch.nn.functional.one_hot(nearest, cells).float()
+        if mode != "bilinear":
+            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}.")
+        low = position.floor().long().clamp(max=max(cells - 2, 0))
+        frac = (position - low).clamp(0, 1) if cells > 1 else torch.zeros_like(position)
+        weights = torch.zeros(pixels, cells, device=device)
+        rows = torch.arange(pixels, device=device)
+        weights[rows, low] = 1 - frac
+        if cells > 1:
+            weights[rows, low + 1] += frac
+        return weights
+
+    def upsample(self, maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        """(..., h, w) cell maps -> (..., H, W) pixel maps, cell centres honoured."""
+        h, w = maps.shape[-2:]
+        rows = self.interpolation_matrix(size[0], h, mode, maps.device).to(maps.dtype)
+        cols = self.interpolation_matrix(size[1], w, mode, maps.device).to(maps.dtype)
+        return torch.einsum("Hh,...hw,Ww->...HW", rows, maps, cols)
+
+    def area_average(self, pixel_maps: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
+        """(..., H, W) pixel maps -> (..., h, w): each cell averages the pixels nearest to it."""
+        H, W = pixel_maps.shape[-2:]
+        rows = self.interpolation_matrix(H, cells[0], "nearest", pixel_maps.device)
+        cols = self.interpolation_matrix(W, cells[1], "nearest", pixel_maps.device)
+        rows = rows / rows.sum(0, keepdim=True).clamp(min=1)
+        cols = cols / cols.sum(0, keepdim=True).clamp(min=1)
+        return torch.einsum("Hh,...HW,Ww->...hw", rows, pixel_maps.to(rows.dtype), cols)
+
+    def cell_of(self, pixel: float, cells: int) -> int:
+        """Index of the cell whose centre is nearest to a pixel coordinate."""
+        return int(min(max(round((pixel - self.offset) / self.stride), 0), cells - 1))
+
+    @classmethod
+    def probe(cls, backbone: nn.Module, in_channels: int, image_size: int, offset: float | None) -> "FeatureGrid":
+        """Measure C, the stride and (unless given) the offset of a backbone.
+
+        The offset comes from the receptive fields of the first and the last cell: with
+        symmetric receptive fields, the right edge of cell 0's support and the left edge of
+        cell (w-1)'s support add up to 2 * offset + stride * (w - 1). Gradients give the
+        supports; a relative threshold ignores the faint global paths of squeeze-excitation
+        blocks, and shrinks both supports alike, which cancels out. When a cell sees the whole image (ViTs, deep CNNs on a small
+        input) the probe retries on a larger input, then falls back to (stride - 1) / 2.
+        """
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad():
+                features = backbone(torch.zeros(1, in_channels, image_size, image_size))
+            channels, cells = features.shape[1], features.shape[-1]
+            stride = max(1, round(image_size / cells))
+            if offset is None:
+                offset = cls._measure_offset(backbone, in_channels, image_size, stride)
+        finally:
+            backbone.train(was_training)
+        return cls(channels=channels, stride=stride, offset=float(offset))
+
+    @staticmethod
+    def _measure_offset(backbone: nn.Module, in_channels: int, image_size: int, stride: int) -> float:
+        generator = torch.Generator().manual_seed(0)
+        sizes = [image_size] if getattr(backbone, "fixed_input_size", False) else [image_size * k for k in (1, 2, 4)]
+        for size in sizes:
+            images = torch.randn(1, in_channels, size, size, generator=generator, requires_grad=True)
+            features = backbone(images)
+            cells = features.shape[-1]
+            if cells < 2:
+                continue
+            (first,) = torch.autograd.grad(features[0, :, 0, 0].sum(), images, retain_graph=True)
+            (last,) = torch.autograd.grad(features[0, :, -1, -1].sum(), images)
+            first_support = _support(first.abs().sum(dim=(0, 1, 2)))
+            last_support = _support(last.abs().sum(dim=(0, 1, 2)))
+            if len(first_support) == 0 or len(last_support) == 0:
+                continue
+            right_of_first, left_of_last = int(first_support.max()), int(last_support.min())
+            if right_of_first < size - 1 and left_of_last > 0:
+                offset = (right_of_first + left_of_last - stride * (cells - 1)) / 2
+                return round(2 * offset) / 2  # ReLU/max-pool zeros can nibble a pixel
+        return (stride - 1) / 2
+
+
+def _support(profile: torch.Tensor) -> torch.Tensor:
+    """Indices where a 1-D gradient profile is more than a thousandth of its peak."""
+    return (profile > 1e-3 * profile.max()).nonzero().flatten()
