@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -20,7 +21,7 @@ from ..config import CSRConfig
 from .backbone import Backbone
 from .grid import FeatureGrid
 from .heads import ConceptHead, Projector, TaskHead
-from .interaction import Interaction, importance_map
+from .interaction import Interaction, cell_importance
 
 SimilarityHook = Callable[["CSRModel", torch.Tensor], "torch.Tensor | None"]
 
@@ -171,8 +172,14 @@ class CSRModel(nn.Module):
         return self.projector(features.permute(0, 2, 3, 1))
 
     def similarity(self, patches: torch.Tensor) -> torch.Tensor:
-        """z (B, h, w, D) -> S (B, K, M, h, w), cosine similarity to every prototype."""
-        return torch.einsum("bhwd,kmd->bkmhw", patches, F.normalize(self.prototypes, dim=-1))
+        """z (B, h, w, D) -> S (B, K, M, h, w), cosine similarity to every prototype.
+
+        S is a permuted view of a (B, h, w, K, M) tensor: the spatial max in ``reason`` then
+        reduces over outer axes, which is several times faster than over the last two.
+        """
+        K, M, D = self.prototypes.shape
+        prototypes = F.normalize(self.prototypes, dim=-1).view(K * M, D)
+        return (patches @ prototypes.T).unflatten(-1, (K, M)).permute(0, 3, 4, 1, 2)
 
     def encode(self, images: torch.Tensor) -> Encoding:
         """Everything that does not depend on the user: F, C, P and S. Once per image."""
@@ -202,11 +209,13 @@ class CSRModel(nn.Module):
                 if replaced.shape != maps.shape:
                     raise ValueError(f"A similarity hook returned shape {tuple(replaced.shape)}, expected {tuple(maps.shape)}.")
                 maps = replaced
-        scores = maps.clamp(min=0).amax(dim=(-2, -1))
-        rejected = self._rejection_mask(interactions, B)  # (B, K) True = rejected
-        if rejected.any():
-            replacement = self.absent_baseline if self.config.rejection == "baseline" else torch.zeros_like(self.absent_baseline)
-            scores = torch.where(rejected[..., None], replacement.expand_as(scores), scores)
+        scores = maps.amax(dim=(-2, -1)).clamp(min=0)  # = max_hw max(A * S, 0)
+        rejected = self._rejected_pairs(interactions, B)
+        if rejected is not None:
+            images, concepts = rejected
+            baseline = self.config.rejection == "baseline"
+            replacement = self.absent_baseline[concepts].to(scores.dtype) if baseline else scores.new_zeros(())
+            scores = scores.index_put((images, concepts), replacement)
         standardised = self.task_head.standardise(scores) * self.prototype_mask
         contributions = self.task_head.contributions(standardised)
         logits = contributions.sum(-1) + self.task_head.bias
@@ -241,8 +250,8 @@ class CSRModel(nn.Module):
                 outside = [b for b, c in zip(interaction.boxes, boxes) if c is None]
                 raise ValueError(f"Boxes {outside} lie entirely outside the {W}x{H} image (x0, y0, x1, y1 in pixels).")
             alpha = self.config.alpha if interaction.alpha is None else interaction.alpha
-            maps.append(importance_map(boxes, H, W, alpha))
-        return self.grid.area_average(torch.stack(maps).to(self.device), cells)
+            maps.append(cell_importance(boxes, H, W, alpha, self.grid, cells))
+        return torch.from_numpy(np.stack(maps)).to(self.device)
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> torch.Tensor:
@@ -291,11 +300,16 @@ class CSRModel(nn.Module):
             self.concept_index(i.rejected)
         return interactions
 
-    def _rejection_mask(self, interactions: list[Interaction] | None, batch: int) -> torch.Tensor:
-        rejected = (~self.concept_mask).expand(batch, -1).clone()
-        for b, interaction in enumerate(interactions or ()):
-            rejected[b, self.concept_index(interaction.rejected)] = True
-        return rejected
+    def _rejected_pairs(self, interactions: list[Interaction] | None, batch: int):
+        """(image indices, concept indices) of every rejected concept (model mask or user),
+        or None when nothing is rejected; built in Python, the lists are tiny."""
+        masked = [k for k, keep in enumerate(self.concept_mask.tolist()) if not keep]
+        per_image = [sorted(set(masked + self.concept_index(i.rejected))) for i in interactions] if interactions else [masked] * batch
+        pairs = [(b, k) for b, ks in enumerate(per_image) for k in ks]
+        if not pairs:
+            return None
+        images, concepts = torch.tensor(pairs, device=self.device).T
+        return images, concepts
 
     # ----------------------------------------------------------------- persistence
     def save(self, path) -> None:

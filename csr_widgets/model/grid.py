@@ -10,7 +10,10 @@ the package draws or scores, and every box mapped onto the grid, goes through th
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -55,14 +58,46 @@ class FeatureGrid:
         cols = self.interpolation_matrix(size[1], w, mode, maps.device).to(maps.dtype)
         return torch.einsum("Hh,...hw,Ww->...HW", rows, maps, cols)
 
-    def area_average(self, pixel_maps: torch.Tensor, cells: tuple[int, int]) -> torch.Tensor:
-        """(..., H, W) pixel maps -> (..., h, w): each cell averages the pixels nearest to it."""
+    @functools.lru_cache(maxsize=64)
+    def owners(self, pixels: int, cells: int) -> np.ndarray:
+        """(pixels,) index of the cell that owns each pixel: the one whose centre is nearest
+        (a pixel exactly halfway goes to the later cell). Cached: sizes repeat every event."""
+        position = (np.arange(pixels, dtype=np.float64) - self.offset) / self.stride
+        owner = np.clip(np.floor(position + 0.5), 0, cells - 1).astype(np.int64)
+        owner.flags.writeable = False
+        return owner
+
+    def area_average(self, pixel_maps, cells: tuple[int, int]):
+        """(..., H, W) pixel maps -> (..., h, w): each cell averages the pixels it owns.
+
+        Takes and returns a torch tensor or a numpy array.
+        """
         H, W = pixel_maps.shape[-2:]
-        rows = self.interpolation_matrix(H, cells[0], "nearest", pixel_maps.device)
-        cols = self.interpolation_matrix(W, cells[1], "nearest", pixel_maps.device)
-        rows = rows / rows.sum(0, keepdim=True).clamp(min=1)
-        cols = cols / cols.sum(0, keepdim=True).clamp(min=1)
-        return torch.einsum("Hh,...HW,Ww->...hw", rows, pixel_maps.to(rows.dtype), cols)
+        rows = self.averaging_matrix(np.arange(H), np.ones(H), H, cells[0])
+        cols = self.averaging_matrix(np.arange(W), np.ones(W), W, cells[1]).T
+        if isinstance(pixel_maps, np.ndarray):
+            return rows @ pixel_maps.astype(np.float32) @ cols
+        rows, cols = (torch.from_numpy(m).to(pixel_maps.device) for m in (rows, cols))
+        return rows @ pixel_maps.to(rows.dtype) @ cols
+
+    def averaging_matrix(self, starts: np.ndarray, lengths: np.ndarray, pixels: int, cells: int) -> np.ndarray:
+        """(cells, runs) weights averaging runs of pixels (each run: its first pixel and its
+        length, all its pixels owned by one cell) into the cells that own them."""
+        owner = self.owners(pixels, cells)
+        counts = self._counts(pixels, cells)
+        weights = np.zeros((cells, len(starts)), np.float32)
+        run_owner = owner[starts]
+        weights[run_owner, np.arange(len(starts))] = lengths / counts[run_owner]
+        return weights
+
+    @functools.lru_cache(maxsize=64)
+    def borders(self, pixels: int, cells: int) -> tuple[int, ...]:
+        """Pixel indices where ownership passes from one cell to the next."""
+        return tuple(int(i) + 1 for i in np.flatnonzero(np.diff(self.owners(pixels, cells))))
+
+    @functools.lru_cache(maxsize=64)
+    def _counts(self, pixels: int, cells: int) -> np.ndarray:
+        return np.bincount(self.owners(pixels, cells), minlength=cells).clip(min=1)
 
     def cell_of(self, pixel: float, cells: int) -> int:
         """Index of the cell whose centre is nearest to a pixel coordinate."""

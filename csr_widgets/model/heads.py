@@ -65,7 +65,8 @@ class TaskHead(nn.Module):
     def contributions(self, standardised: torch.Tensor) -> torch.Tensor:
         """(B, K, M) standardised scores -> (B, N, K): each concept's share of each logit."""
         weight = self.linear.weight.view(-1, *standardised.shape[1:])  # (N, K, M)
-        return torch.einsum("bkm,nkm->bnk", standardised, weight)
+        # (K, B, M) @ (K, M, N) -> (K, B, N): one batched matmul, no einsum dispatch per event
+        return torch.bmm(standardised.transpose(0, 1), weight.permute(1, 2, 0)).permute(1, 2, 0)
 
     @property
     def bias(self) -> torch.Tensor:

@@ -5,7 +5,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
+
+from .grid import FeatureGrid
 
 
 @dataclass(frozen=True)
@@ -75,30 +77,52 @@ class Interaction:
         return not self.boxes and not self.rejected
 
 
-def importance_map(boxes: Iterable[Box], height: int, width: int, alpha: float) -> torch.Tensor:
-    """A (H, W) at image resolution (Eqs. 12-13).
+def importance_map(boxes: Iterable[Box], height: int, width: int, alpha: float) -> np.ndarray:
+    """A (H, W) float32 at image resolution (Eqs. 12-13).
 
     1 inside positive boxes, 0 inside negative boxes (negative wins where they overlap),
     alpha elsewhere when at least one positive box exists, 1 elsewhere otherwise. Box
     edges fall between pixels, so a pixel is covered by the fraction of it inside the box
     (a box from 0.5 to 2 covers half of pixel 0 and all of pixel 1).
     """
+    return _importance(list(boxes), np.arange(height), np.arange(width), alpha)
+
+
+def cell_importance(boxes: Iterable[Box], height: int, width: int, alpha: float, grid: FeatureGrid, cells: tuple[int, int]) -> np.ndarray:
+    """A (h, w): ``grid.area_average(importance_map(...), cells)``, computed exactly but cheaply.
+
+    Between consecutive box edges and cell borders every pixel of a row (or column) has the
+    same coverage by every box, so A is evaluated once per such run of pixels and averaged
+    with the runs' lengths: a handful of values instead of H x W, on every mouse event.
+    """
     boxes = list(boxes)
+    rows, row_weights = _runs([e for b in boxes for e in (b.y0, b.y1)], height, grid, cells[0])
+    cols, col_weights = _runs([e for b in boxes for e in (b.x0, b.x1)], width, grid, cells[1])
+    return row_weights @ _importance(boxes, rows, cols, alpha) @ col_weights.T
+
+
+def _runs(edges: list[float], pixels: int, grid: FeatureGrid, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """First pixel of each uniform run along one axis, and the (cells, runs) averaging weights."""
+    cuts = {0, pixels, *grid.borders(pixels, cells)}
+    cuts.update(min(max(f(e), 0), pixels) for e in edges for f in (math.floor, math.ceil))
+    cuts = np.array(sorted(cuts))
+    starts, lengths = cuts[:-1], np.diff(cuts)
+    return starts, grid.averaging_matrix(starts, lengths, pixels, cells)
+
+
+def _importance(boxes: list[Box], rows: np.ndarray, cols: np.ndarray, alpha: float) -> np.ndarray:
+    """A on the pixels rows x cols (pixel indices), as in Eqs. 12-13."""
     base = alpha if any(b.positive for b in boxes) else 1.0
-    positive, negative = torch.zeros(height, width), torch.zeros(height, width)
+    positive = np.zeros((len(rows), len(cols)), np.float32)
+    negative = np.zeros_like(positive)
     for box in boxes:
-        covered = _coverage(box, height, width)
-        if box.positive:
-            positive = torch.maximum(positive, covered)
-        else:
-            negative = torch.maximum(negative, covered)
+        covered = np.outer(_coverage(box.y0, box.y1, rows), _coverage(box.x0, box.x1, cols))
+        target = positive if box.positive else negative
+        np.maximum(target, covered, out=target)
     return (base + (1 - base) * positive) * (1 - negative)
 
 
-def _coverage(box: Box, height: int, width: int) -> torch.Tensor:
-    """(H, W) fraction of each pixel (the unit square [i, i+1)) that lies inside the box."""
-    def along(lo: float, hi: float, n: int) -> torch.Tensor:
-        start = torch.arange(n, dtype=torch.float32)
-        return ((start + 1).clamp(max=hi) - start.clamp(min=lo)).clamp(0, 1)
-
-    return along(box.y0, box.y1, height)[:, None] * along(box.x0, box.x1, width)[None, :]
+def _coverage(lo: float, hi: float, pixels: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel (the unit interval [i, i+1)) inside [lo, hi)."""
+    overlap = np.minimum(pixels + 1, hi) - np.maximum(pixels, lo)  # at most 1 already
+    return np.maximum(overlap, 0, dtype=np.float32, casting="unsafe")

@@ -1,0 +1,247 @@
+"""The shortcut experiment: find prototypes that learned a shortcut, prune them, compare.
+
+A shortcut (a corner text marker, a pacemaker-like device in SyntheticCXR) correlated
+with a class in training lets prototypes learn it instead of the findings. On a
+decorrelated split this costs F1; pruning those prototypes (``prototype_mask[k, m] =
+False``) and refitting the task head should recover it (DESIGN sections 3-5).
+
+Detection (automatic, **ours**):
+
+- by maxima: on the images that contain the shortcut, the argmax pixel of a prototype's
+  upsampled similarity map (same tie and distance rules as the Pointing Game, see
+  metrics.py) lies within ``tolerance`` px of the shortcut box in more than ``threshold``
+  of the images;
+- by the atlas (optional): the prototype's atlas match (the training image and pixel it
+  is linked to, Eq. 11) lies on that image's shortcut box.
+
+The training and the task-head refit come from ``csr_widgets.training``, imported only
+when the full experiment runs.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..model.grid import FeatureGrid
+from . import metrics
+from .report import _EvalMode, classification_summary, evaluate, iterate_batches, pointing_summary
+
+
+def shortcut_hits(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
+                  shortcut_boxes: Sequence[tuple | None], tolerance: float = 0) -> tuple[np.ndarray, int]:
+    """Count, per prototype, the images whose map peaks on the shortcut box.
+
+    similarity_maps: (B, K, M, h, w); shortcut_boxes: B entries, None or (x0, y0, x1, y1).
+    Returns ((K, M) int counts, number of images with a shortcut box). Images without
+    one are skipped.
+    """
+    keep = [b for b, box in enumerate(shortcut_boxes) if box is not None and metrics.box_pixels(box, *image_size) is not None]
+    K, M = similarity_maps.shape[1:3]
+    counts = np.zeros((K, M), dtype=int)
+    for b in keep:
+        # One image at a time: (K, M, H, W) at image size is the largest tensor held.
+        saliency = grid.upsample(similarity_maps[b], tuple(image_size))
+        points = metrics.argmax_points(saliency).cpu().numpy()  # (K, M, 2)
+        distance = metrics.distance_to_boxes(points, [shortcut_boxes[b]], *image_size)
+        counts += distance <= tolerance
+    return counts, len(keep)
+
+
+def shortcut_prototype_rates(model, dataset, tolerance: float = 0, batch_size: int = 32, progress: bool = False,
+                             num_workers: int = 0) -> pd.DataFrame:
+    """One row per prototype (concept, prototype): images, on_shortcut, rate.
+
+    ``rate`` = fraction of the images with a shortcut on which the prototype's maximum
+    lands on the shortcut box. Uses the similarity maps that ``reason`` returns without
+    interaction (so similarity hooks apply). Raises if no image has a shortcut.
+    """
+    K, M = model.prototype_mask.shape
+    counts, images = np.zeros((K, M), dtype=int), 0
+    with _EvalMode(model):
+        for batch in iterate_batches(model, dataset, batch_size, progress, "shortcut", num_workers):
+            if all(box is None for box in batch.shortcut_boxes):
+                continue
+            encoding = model.encode(batch.images)
+            maps = model.reason(encoding).similarity_maps
+            c, n = shortcut_hits(maps, model.grid, encoding.image_size, batch.shortcut_boxes, tolerance)
+            counts, images = counts + c, images + n
+    if images == 0:
+        raise ValueError("No image of the dataset has a shortcut_box: shortcut prototypes cannot be found by their maxima.")
+    concept_index = np.repeat(np.arange(K), M)
+    return pd.DataFrame({
+        "concept": [model.concepts[k] for k in concept_index],
+        "prototype": np.tile(np.arange(M), K),
+        "images": images,
+        "on_shortcut": counts.reshape(-1),
+        "rate": counts.reshape(-1) / images,
+        "pruned": ~model.prototype_mask.cpu().numpy().reshape(-1),
+    })
+
+
+def atlas_shortcut_prototypes(matches: Mapping[tuple[int, int], tuple[int, float, float]] | Iterable[tuple],
+                              dataset, shape: tuple[int, int], tolerance: float = 0) -> torch.Tensor:
+    """(K, M) bool: prototypes whose atlas match lies on its image's shortcut box.
+
+    matches: ``{(k, m): (image_index, x, y)}`` or rows ``(k, m, image_index, x, y)``: the
+    dataset image each prototype is linked to and the pixel of the match (x, y in that
+    image's pixels, as the atlas records it). shape: (K, M).
+    """
+    rows = [(k, m, *where) for (k, m), where in matches.items()] if isinstance(matches, Mapping) else list(matches)
+    found = torch.zeros(shape, dtype=torch.bool)
+    for k, m, index, x, y in rows:
+        item = dataset[int(index)]
+        box = item.get("shortcut_box")
+        if box is None:
+            continue
+        H, W = item["image"].shape[-2:]
+        point = np.array([round(float(y)), round(float(x))])
+        if metrics.distance_to_boxes(point, [box], H, W) <= tolerance:
+            found[int(k), int(m)] = True
+    return found
+
+
+def find_shortcut_prototypes(model, dataset, threshold: float = 0.5, tolerance: float = 0, atlas_matches=None,
+                             batch_size: int = 32, progress: bool = False, rates: pd.DataFrame | None = None) -> torch.Tensor:
+    """(K, M) bool: True for prototypes that look at the shortcut.
+
+    By maxima: ``rate > threshold`` on the dataset's images with a shortcut (see
+    ``shortcut_prototype_rates``); or, when ``atlas_matches`` is given (see
+    ``atlas_shortcut_prototypes``), by an atlas match on a shortcut box. Prototypes
+    already pruned are not reported again. ``rates``: a ``shortcut_prototype_rates``
+    table already computed on ``dataset`` (saves a pass over the data).
+    """
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
+    if rates is None:
+        rates = shortcut_prototype_rates(model, dataset, tolerance, batch_size, progress)
+    found = torch.from_numpy(rates["rate"].to_numpy().reshape(model.prototype_mask.shape) > threshold)
+    if atlas_matches is not None:
+        found |= atlas_shortcut_prototypes(atlas_matches, dataset, tuple(model.prototype_mask.shape), tolerance)
+    return found & model.prototype_mask.cpu()
+
+
+def _as_mask(prototypes, model) -> torch.Tensor:
+    shape = tuple(model.prototype_mask.shape)
+    if isinstance(prototypes, (torch.Tensor, np.ndarray)):
+        mask = torch.as_tensor(prototypes, dtype=torch.bool)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"A prototype mask to prune must have shape {shape}, got {tuple(mask.shape)}.")
+        return mask
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for k, m in prototypes:
+        k = model.concept_index([k])[0] if isinstance(k, str) else int(k)
+        mask[k, int(m)] = True
+    return mask
+
+
+def prune_prototypes(model, prototypes) -> torch.Tensor:
+    """Prune prototypes in place: ``model.prototype_mask[k, m] = False``.
+
+    prototypes: a (K, M) bool tensor/array (True = prune) or pairs (k or concept name, m).
+    Returns the previous mask (a copy), so that ``model.prototype_mask.copy_(previous)``
+    undoes it.
+    """
+    previous = model.prototype_mask.clone()
+    with torch.no_grad():
+        model.prototype_mask &= ~_as_mask(prototypes, model).to(model.prototype_mask.device)
+    return previous
+
+
+def _scoreboard(frame: pd.DataFrame, pruned: int) -> dict:
+    summary = classification_summary(frame)
+    pointing = pointing_summary(frame).loc["overall"]
+    row = {"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]}
+    row.update({c: pointing[c] for c in pointing.index if c.startswith(("pg@", "shortcut@")) or c == "energy"})
+    row["pruned_prototypes"] = pruned
+    return row
+
+
+@dataclass
+class PruningComparison:
+    """before/after: evaluate() frames; table: one row each (accuracy, macro_f1, pg@t,
+    shortcut@t, energy, pruned_prototypes); model: the pruned (and refit) copy."""
+
+    table: pd.DataFrame
+    before: pd.DataFrame
+    after: pd.DataFrame
+    model: object
+
+
+def compare_pruning(model, dataset, prototypes, refit: Callable | None = None, batch_size: int = 32,
+                    progress: bool = False) -> PruningComparison:
+    """Evaluate ``model``, prune ``prototypes`` on a copy, refit, evaluate the copy.
+
+    refit: called as ``refit(pruned_model)`` after pruning (e.g. a task-head refit); it may
+    return a model to use instead. ``model`` itself is left unchanged.
+    """
+    before = evaluate(model, dataset, batch_size=batch_size, progress=progress)
+    pruned = copy.deepcopy(model)
+    prune_prototypes(pruned, prototypes)
+    if refit is not None:
+        returned = refit(pruned)
+        pruned = returned if isinstance(returned, type(model)) else pruned
+    after = evaluate(pruned, dataset, batch_size=batch_size, progress=progress)
+    table = pd.DataFrame.from_dict({
+        "before": _scoreboard(before, int((~model.prototype_mask).sum())),
+        "after": _scoreboard(after, int((~pruned.prototype_mask).sum())),
+    }, orient="index")
+    return PruningComparison(table=table, before=before, after=after, model=pruned)
+
+
+@dataclass
+class ShortcutExperiment:
+    """Everything the shortcut experiment produced.
+
+    table: rows "correlated (val)", "decorrelated (test), before", "decorrelated (test),
+    after pruning" with accuracy, macro_f1, pointing columns; rates: the per-prototype
+    detection table; shortcut_mask: (K, M) bool of the pruned prototypes.
+    """
+
+    model: object
+    pruned_model: object
+    shortcut_mask: torch.Tensor
+    rates: pd.DataFrame
+    table: pd.DataFrame
+
+
+def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=None, *, train_kwargs: dict | None = None,
+                            refit_kwargs: dict | None = None, threshold: float = 0.5, tolerance: float = 0,
+                            atlas_matches=None, batch_size: int = 32, progress: bool = False) -> ShortcutExperiment:
+    """Train on a shortcut-correlated set, detect and prune shortcut prototypes, compare.
+
+    train_set, val_set: shortcut correlated with a class (detection runs on val_set);
+    test_set: the decorrelated split. Give ``config`` (a CSRConfig) to train a new model
+    with ``csr_widgets.training.train(model, train_set, val_set, **train_kwargs)``, or a
+    trained ``model``. The pruned copy's task head is refit with
+    ``refit_task_head(model, train_set, **refit_kwargs)``.
+    """
+    from ..training import refit_task_head  # lazily: training depends on this package's models
+
+    if model is None:
+        if config is None:
+            raise ValueError("Give either a CSRConfig to train a model, or a trained model.")
+        from ..model import CSRModel
+        from ..training import train
+
+        model = CSRModel(config)
+        trained = train(model, train_set, val_set, **(train_kwargs or {}))
+        model = trained if isinstance(trained, CSRModel) else model
+    rates = shortcut_prototype_rates(model, val_set, tolerance, batch_size, progress)
+    found = find_shortcut_prototypes(model, val_set, threshold, tolerance, atlas_matches, rates=rates)
+
+    def refit(pruned):
+        return refit_task_head(pruned, train_set, **(refit_kwargs or {}))
+
+    comparison = compare_pruning(model, test_set, found, refit, batch_size, progress)
+    correlated = _scoreboard(evaluate(model, val_set, batch_size=batch_size, progress=progress), int((~model.prototype_mask).sum()))
+    table = pd.DataFrame.from_dict({
+        "correlated (val)": correlated,
+        "decorrelated (test), before": comparison.table.loc["before"].to_dict(),
+        "decorrelated (test), after pruning": comparison.table.loc["after"].to_dict(),
+    }, orient="index")
+    return ShortcutExperiment(model=model, pruned_model=comparison.model, shortcut_mask=found, rates=rates, table=table)
