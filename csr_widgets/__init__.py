@@ -2,6 +2,8 @@
 __version__ = "0.1.0"
 
 from .config import CSRConfig
+from .data import SyntheticCXR
 from .model import Box, CSRModel, Interaction
+from .pretrained import load_pretrained
 
-__all__ = ["CSRConfig", "CSRModel", "Interaction", "Box", "__version__"]
+__all__ = ["CSRConfig", "CSRModel", "Interaction", "Box", "load_pretrained", "SyntheticCXR", "__version__"]

@@ -183,13 +183,16 @@ class CSRModel(nn.Module):
 
     def encode(self, images: torch.Tensor) -> Encoding:
         """Everything that does not depend on the user: F, C, P and S. Once per image."""
-        features = self.features(images)
+        return self.encode_features(self.features(images), tuple(images.shape[-2:]))
+
+    def encode_features(self, features: torch.Tensor, image_size: tuple[int, int]) -> Encoding:
+        """C, P and S on backbone features f (B, C, h, w): training caches f once F is frozen."""
         concept_maps = self.concept_head(features)
         return Encoding(
             similarity_maps=self.similarity(self.project(features)),
             concept_maps=concept_maps,
             concept_logits=concept_maps.mean(dim=(-2, -1)),
-            image_size=tuple(images.shape[-2:]),
+            image_size=tuple(image_size),
         )
 
     def reason(self, encoding: Encoding, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
@@ -216,9 +219,7 @@ class CSRModel(nn.Module):
             baseline = self.config.rejection == "baseline"
             replacement = self.absent_baseline[concepts].to(scores.dtype) if baseline else scores.new_zeros(())
             scores = scores.index_put((images, concepts), replacement)
-        standardised = self.task_head.standardise(scores) * self.prototype_mask
-        contributions = self.task_head.contributions(standardised)
-        logits = contributions.sum(-1) + self.task_head.bias
+        contributions, logits = self.classify(scores)
         probs = logits.softmax(-1)
         top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
         return Reasoning(
@@ -231,6 +232,16 @@ class CSRModel(nn.Module):
             contributions=contributions,
             needs_review=(top[:, 0] - top[:, -1]) < self.config.review_margin,
         )
+
+    def classify(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """H on scores (B, K, M) -> contributions (B, N, K) and logits (B, N).
+
+        Pruned prototypes enter H as 0 after standardisation. Training calls this too, so
+        the task head is fitted on exactly what ``reason`` computes.
+        """
+        standardised = self.task_head.standardise(scores) * self.prototype_mask
+        contributions = self.task_head.contributions(standardised)
+        return contributions, contributions.sum(-1) + self.task_head.bias
 
     def forward(self, images: torch.Tensor, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
         return self.reason(self.encode(images), interaction)

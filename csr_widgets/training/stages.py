@@ -1,0 +1,39 @@
+"""The three training stages and what each one trains (DESIGN section 2).
+
+| stage | name       | trains                          | frozen                          | loss                     |
+|-------|------------|---------------------------------|---------------------------------|--------------------------|
+| 1     | concepts   | backbone F, concept head C      | projector P, prototypes p, H    | BCE on concept logits    |
+| 2     | prototypes | projector P, prototypes p       | F, C, H                         | SoftTriple (Eqs. 6-9)    |
+| 3     | task       | task head H                     | F, C, P, p                      | cross-entropy on labels  |
+
+``set_stage`` is the only place in the package that touches ``requires_grad``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+STAGES: dict[int, tuple[str, tuple[str, ...]]] = {
+    1: ("concepts", ("backbone", "concept_head")),
+    2: ("prototypes", ("projector", "prototypes")),
+    3: ("task", ("task_head",)),
+}
+
+
+def trainable_parts(stage: int) -> tuple[str, ...]:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}.")
+    return STAGES[stage][1]
+
+
+def set_stage(model: nn.Module, stage: int) -> list[nn.Parameter]:
+    """Make exactly the parts of ``stage`` trainable; return their parameters.
+
+    Frozen parts are also put in eval mode, so a frozen backbone's BatchNorm statistics
+    stay fixed while later stages train.
+    """
+    parts = trainable_parts(stage)
+    for name, child in model.named_children():
+        child.requires_grad_(name in parts)
+        child.train(name in parts)
+    model.prototypes.requires_grad_("prototypes" in parts)
+    return [p for p in model.parameters() if p.requires_grad]
