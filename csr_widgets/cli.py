@@ -106,11 +106,54 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    raise SystemExit("csr-widgets evaluate: not wired yet")
+    from .data import SyntheticCXR
+    from .evaluation import off_target_prototypes, paper_tables
+    from .evaluation.atlas import load_atlas
+    from .model import CSRModel
+    from .pretrained import RECIPES, load_pretrained
+
+    bundled = args.checkpoint in RECIPES
+    model = load_pretrained(args.checkpoint) if bundled else CSRModel.load(args.checkpoint)
+    recipe = RECIPES[args.checkpoint if bundled else "synthetic-cxr"]
+    size = {"image_size": model.config.image_size}
+    test_set = SyntheticCXR(**{**recipe.test, "n": args.n, **size})
+    refined = None
+    try:  # "after atlas refinement": prune prototypes whose atlas match misses their concept
+        atlas = load_atlas(args.checkpoint if bundled else Path(args.checkpoint).with_suffix(".atlas.safetensors"))
+        train_set = SyntheticCXR(**{**recipe.train, **size})  # the set the atlas indexes
+        refined = model.prototype_mask.cpu() & ~off_target_prototypes(atlas, train_set, tolerance=model.grid.stride)
+    except FileNotFoundError:
+        pass
+    print(paper_tables(model, test_set, refined=refined, markdown=args.markdown, progress=True))
+    return 0
+
+
+DEMO_CELLS = [
+    "# csr_widgets demo\n\nDraw a **negative** box (press `n`, then drag) over the brightest region of the heatmap, "
+    "or untick a concept, and watch the prediction change. `u` undoes, `r` redoes.",
+    "from csr_widgets import CSRExplorer, SyntheticCXR, load_pretrained\n\n"
+    "model = load_pretrained(\"synthetic-cxr\")\n"
+    "image = SyntheticCXR(n=20, split=\"test\", image_size=model.config.image_size)[3][\"image\"]\n"
+    "explorer = CSRExplorer(model, image)\nexplorer",
+    "explorer.result.probs  # the current reasoning, as model.reason returns it",
+]
 
 
 def _demo(args) -> int:
-    raise SystemExit("csr-widgets demo: not wired yet")
+    import subprocess
+
+    import nbformat
+
+    path = Path("csr-widgets-demo.ipynb")
+    if not path.exists():  # never overwrite a notebook the user has changed
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
+        nbformat.write(notebook, path)
+    command = [sys.executable, "-m", "jupyter", "lab", str(path), "--ip=127.0.0.1", f"--port={args.port}"]
+    if args.no_browser:
+        command.append("--no-browser")
+    print(f"opening {path.resolve()} in JupyterLab on http://127.0.0.1:{args.port}")
+    return subprocess.call(command)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,8 @@ def pointing_examples(model, dataset, frame: pd.DataFrame, concept: str, toleran
             ax = axes[r, c]
             ax.set_axis_off()
             if c >= len(rows):
+                if c == 0:
+                    ax.text(0.5, 0.5, f"no {kind}", ha="center", va="center", transform=ax.transAxes, fontsize=9)
                 continue
             row = frame.loc[rows[c]]
             item = dataset[int(row["index"])]
@@ -177,7 +179,7 @@ def contribution_chart(model, reasoning, index: int = 0, class_index: int | None
     """
     n = int(reasoning.prediction[index]) if class_index is None else int(class_index)
     shares = reasoning.contributions[index, n].detach().float().cpu().numpy()
-    bias = float(model.task_head.bias[n])
+    bias = float(model.task_head.bias.detach()[n])
     names = list(model.concepts)
     order = np.argsort(shares)
     colours = np.where(shares[order] >= 0, "#1f77b4", "#d62728")

@@ -133,12 +133,10 @@ def concept_saliency(similarity_maps: torch.Tensor, grid: FeatureGrid, image_siz
 
 def argmax_points(maps: torch.Tensor) -> torch.Tensor:
     """(..., H, W) maps -> (..., 2) long (y, x) of the maximum; ties: first in row-major order."""
-    H, W = maps.shape[-2:]
-    flat = maps.flatten(-2)
-    peak = flat.amax(dim=-1, keepdim=True)
-    # Explicit tie rule, independent of how a backend's argmax breaks ties.
-    order = torch.arange(H * W, device=maps.device).expand_as(flat)
-    first = torch.where(flat == peak, order, H * W).amin(dim=-1).clamp(max=H * W - 1)
+    W = maps.shape[-1]
+    # torch.argmax documents that it returns the first maximal index (row-major once the
+    # map is flattened); tests/test_evaluation_metrics.py pins this rule down.
+    first = maps.flatten(-2).argmax(dim=-1)
     return torch.stack([first // W, first % W], dim=-1)
 
 
@@ -303,14 +301,14 @@ def energy_pointing(saliency: torch.Tensor, boxes: Sequence[Sequence[ConceptBox]
     pair is not evaluated; 0 where the map has no positive energy.
     """
     B, K, H, W = saliency.shape
-    positive = saliency.clamp(min=0).double()
-    total = positive.sum(dim=(-2, -1)).cpu().numpy()
+    positive = saliency.clamp(min=0)
+    total = positive.sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
     result = np.full((B, K), np.nan)
     for b in range(B):
         for k, concept_boxes in enumerate(boxes_by_concept(boxes[b], concepts)):
             mask = box_mask(concept_boxes, H, W)
             if not mask.any() or np.isnan(total[b, k]):
                 continue
-            inside = positive[b, k][torch.from_numpy(mask).to(positive.device)].sum().item()
+            inside = positive[b, k][torch.from_numpy(mask).to(positive.device)].sum(dtype=torch.float64).item()
             result[b, k] = inside / total[b, k] if total[b, k] > 0 else 0.0
     return result

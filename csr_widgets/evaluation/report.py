@@ -40,6 +40,8 @@ from ..model.interaction import Interaction
 from . import metrics
 
 DEFAULT_TOLERANCES = (0, 15)
+# Upper bound on the elements of one saliency tensor (B', K, H, W) held at a time: 64 MB.
+SALIENCY_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------- batching
@@ -156,9 +158,7 @@ def evaluate(model, dataset, batch_size: int = 32,
         for batch in iterate_batches(model, dataset, batch_size, progress, "evaluate", num_workers):
             encoding = model.encode(batch.images)
             out = model.reason(encoding, _interactions_for(interaction, batch.indices))
-            saliency = metrics.concept_saliency(out.similarity_maps, model.grid, encoding.image_size, mask)
-            pointing = metrics.point_concepts(saliency, batch.boxes, concepts, batch.shortcut_boxes)
-            energy = metrics.energy_pointing(saliency, batch.boxes, concepts)
+            pointing, energy = _point(model, out.similarity_maps, encoding.image_size, mask, batch)
             probs = out.probs.float().cpu().numpy()
             top = np.sort(probs, axis=1)[:, ::-1]
             frame = {
@@ -187,6 +187,22 @@ def evaluate(model, dataset, batch_size: int = 32,
     result.insert(3, "correct", result["label"] == result["prediction"])
     result.attrs.update(concepts=concepts, classes=classes, tolerances=[float(t) for t in tolerances])
     return result
+
+
+def _point(model, similarity_maps: torch.Tensor, image_size: tuple[int, int], mask: torch.Tensor,
+           batch: Batch) -> tuple[metrics.Pointing, np.ndarray]:
+    """Pointing Game and energy for a batch, a few images at a time: saliency at image size
+    is (B, K, H, W), which for 512 px images and 14 concepts is ~15 MB per image."""
+    B, K = similarity_maps.shape[:2]
+    step = max(1, SALIENCY_ELEMENTS // (K * image_size[0] * image_size[1]))
+    pointings, energies = [], []
+    for start in range(0, B, step):
+        part = slice(start, start + step)
+        saliency = metrics.concept_saliency(similarity_maps[part], model.grid, image_size, mask)
+        pointings.append(metrics.point_concepts(saliency, batch.boxes[part], model.concepts, batch.shortcut_boxes[part]))
+        energies.append(metrics.energy_pointing(saliency, batch.boxes[part], model.concepts))
+    pointing = metrics.Pointing(*(np.concatenate([getattr(p, f) for p in pointings]) for f in ("points", "distance", "shortcut_distance")))
+    return pointing, np.concatenate(energies)
 
 
 def _names(frame: pd.DataFrame, prefix: str) -> list[str]:
@@ -245,6 +261,7 @@ def pointing_summary(frame: pd.DataFrame, tolerances: Sequence[float] | None = N
             n = np.append(counted.sum(0), counted.sum())
             s = np.append(np.nansum(landed, 0), np.nansum(landed))
             table[f"shortcut@{t:g}"] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+    table = table[["evaluated"] + [c for c in table if c.startswith("pg@")] + [c for c in table if c.startswith("shortcut@")]]
     energy = frame[[f"energy/{c}" for c in concepts]].to_numpy(float)
     with warnings.catch_warnings():  # "mean of empty slice" for a concept never evaluated
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -300,7 +317,7 @@ def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refine
               _render(table2, markdown), ""]
 
     if gains is not None:
-        table3 = gains[["cases", "touched", "changed", "macro_f1_before", "macro_f1_after", "gain"]].copy()
+        table3 = gains[["cases", "flagged", "touched", "changed", "macro_f1_before", "macro_f1_after", "gain"]].copy()
         for c in ("macro_f1_before", "macro_f1_after", "gain"):
             table3[c] = 100 * table3[c]
         table3 = table3.rename(columns={"macro_f1_before": "F1 before", "macro_f1_after": "F1 after", "gain": "gain"})

@@ -14,13 +14,17 @@ Detection (automatic, **ours**):
 - by the atlas (optional): the prototype's atlas match (the training image and pixel it
   is linked to, Eq. 11) lies on that image's shortcut box.
 
+Without a shortcut box, ``off_target_prototypes`` stands in for the expert's atlas
+refinement (Table 2's "after refinement"): it flags prototypes whose atlas match misses
+every box of their own concept.
+
 The training and the task-head refit come from ``csr_widgets.training``, imported only
 when the full experiment runs.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,17 +87,28 @@ def shortcut_prototype_rates(model, dataset, tolerance: float = 0, batch_size: i
     })
 
 
-def atlas_shortcut_prototypes(matches: Mapping[tuple[int, int], tuple[int, float, float]] | Iterable[tuple],
-                              dataset, shape: tuple[int, int], tolerance: float = 0) -> torch.Tensor:
+def _atlas_rows(atlas) -> list[tuple]:
+    """Rows (k, m, image_index, x, y) from an Atlas, a mapping or an iterable of rows."""
+    if hasattr(atlas, "image_index") and hasattr(atlas, "location"):  # csr_widgets.evaluation.atlas.Atlas
+        index, location = atlas.image_index.cpu().numpy(), atlas.location.cpu().numpy()
+        return [(k, m, index[k, m], *location[k, m]) for k, m in zip(*np.nonzero(index >= 0))]
+    if isinstance(atlas, Mapping):
+        return [(k, m, *where) for (k, m), where in atlas.items()]
+    return list(atlas)
+
+
+def atlas_shortcut_prototypes(atlas, dataset, shape: tuple[int, int], tolerance: float = 0) -> torch.Tensor:
     """(K, M) bool: prototypes whose atlas match lies on its image's shortcut box.
 
-    matches: ``{(k, m): (image_index, x, y)}`` or rows ``(k, m, image_index, x, y)``: the
-    dataset image each prototype is linked to and the pixel of the match (x, y in that
-    image's pixels, as the atlas records it). shape: (K, M).
+    atlas: an ``Atlas`` (its ``image_index`` (K, M) and ``location`` (K, M, 2) (x, y)), or
+    ``{(k, m): (image_index, x, y)}``, or rows ``(k, m, image_index, x, y)``: the image of
+    ``dataset`` (the one the atlas was built on) each prototype is linked to, and the pixel
+    of the match in that image. Prototypes without a match (index -1) are never flagged.
     """
-    rows = [(k, m, *where) for (k, m), where in matches.items()] if isinstance(matches, Mapping) else list(matches)
     found = torch.zeros(shape, dtype=torch.bool)
-    for k, m, index, x, y in rows:
+    for k, m, index, x, y in _atlas_rows(atlas):
+        if int(index) < 0:
+            continue
         item = dataset[int(index)]
         box = item.get("shortcut_box")
         if box is None:
@@ -105,23 +120,61 @@ def atlas_shortcut_prototypes(matches: Mapping[tuple[int, int], tuple[int, float
     return found
 
 
-def find_shortcut_prototypes(model, dataset, threshold: float = 0.5, tolerance: float = 0, atlas_matches=None,
-                             batch_size: int = 32, progress: bool = False, rates: pd.DataFrame | None = None) -> torch.Tensor:
+def off_target_prototypes(atlas, dataset, tolerance: float = 0) -> torch.Tensor:
+    """(K, M) bool: prototypes whose atlas match misses every box of their own concept.
+
+    An automatic stand-in for the expert's atlas refinement (**ours**): prototype p_km is
+    linked (Eq. 11) to a training image where concept k is present and to the pixel where
+    its map peaks; when that pixel lies farther than ``tolerance`` px from every box of
+    concept k in that image, the prototype answers to something other than the finding.
+    Images without a box of concept k give no verdict. A concept whose prototypes would
+    all be flagged keeps them all (flags cleared): pruning a whole concept would remove it
+    from the Pointing Game rather than refine it.
+
+    atlas: as for ``atlas_shortcut_prototypes``, plus the concept names in ``atlas.concepts``
+    (rows and mappings use the dataset's concept names at index k); dataset: the set the
+    atlas was built on.
+    """
+    concepts = list(getattr(atlas, "concepts", None) or dataset.concepts)
+    shape = tuple(atlas.image_index.shape) if hasattr(atlas, "image_index") else None
+    rows = _atlas_rows(atlas)
+    if shape is None:
+        shape = (len(concepts), max(int(m) for _, m, *_ in rows) + 1) if rows else (len(concepts), 0)
+    found = torch.zeros(shape, dtype=torch.bool)
+    for k, m, index, x, y in rows:
+        if int(index) < 0:
+            continue
+        item = dataset[int(index)]
+        boxes = metrics.boxes_by_concept(item.get("boxes", ()), concepts)[int(k)]
+        H, W = item["image"].shape[-2:]
+        if not boxes or all(metrics.box_pixels(b, H, W) is None for b in boxes):
+            continue
+        point = np.array([round(float(y)), round(float(x))])
+        found[int(k), int(m)] = bool(metrics.distance_to_boxes(point, boxes, H, W) > tolerance)
+    found[found.all(dim=1)] = False
+    return found
+
+
+def find_shortcut_prototypes(model, dataset, threshold: float = 0.5, tolerance: float = 0, atlas=None,
+                             atlas_dataset=None, batch_size: int = 32, progress: bool = False,
+                             rates: pd.DataFrame | None = None) -> torch.Tensor:
     """(K, M) bool: True for prototypes that look at the shortcut.
 
     By maxima: ``rate > threshold`` on the dataset's images with a shortcut (see
-    ``shortcut_prototype_rates``); or, when ``atlas_matches`` is given (see
-    ``atlas_shortcut_prototypes``), by an atlas match on a shortcut box. Prototypes
-    already pruned are not reported again. ``rates``: a ``shortcut_prototype_rates``
-    table already computed on ``dataset`` (saves a pass over the data).
+    ``shortcut_prototype_rates``); or, when ``atlas`` is given, by an atlas match on a
+    shortcut box of ``atlas_dataset`` (the atlas's training set; default ``dataset``; see
+    ``atlas_shortcut_prototypes``). Prototypes already pruned are not reported again.
+    ``rates``: a ``shortcut_prototype_rates`` table already computed on ``dataset`` (saves a
+    pass over the data).
     """
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
     if rates is None:
         rates = shortcut_prototype_rates(model, dataset, tolerance, batch_size, progress)
     found = torch.from_numpy(rates["rate"].to_numpy().reshape(model.prototype_mask.shape) > threshold)
-    if atlas_matches is not None:
-        found |= atlas_shortcut_prototypes(atlas_matches, dataset, tuple(model.prototype_mask.shape), tolerance)
+    if atlas is not None:
+        source = dataset if atlas_dataset is None else atlas_dataset
+        found |= atlas_shortcut_prototypes(atlas, source, tuple(model.prototype_mask.shape), tolerance)
     return found & model.prototype_mask.cpu()
 
 
@@ -211,16 +264,17 @@ class ShortcutExperiment:
 
 def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=None, *, train_kwargs: dict | None = None,
                             refit_kwargs: dict | None = None, threshold: float = 0.5, tolerance: float = 0,
-                            atlas_matches=None, batch_size: int = 32, progress: bool = False) -> ShortcutExperiment:
+                            atlas=None, batch_size: int = 32, progress: bool = False) -> ShortcutExperiment:
     """Train on a shortcut-correlated set, detect and prune shortcut prototypes, compare.
 
-    train_set, val_set: shortcut correlated with a class (detection runs on val_set);
-    test_set: the decorrelated split. Give ``config`` (a CSRConfig) to train a new model
-    with ``csr_widgets.training.train(model, train_set, val_set, **train_kwargs)``, or a
-    trained ``model``. The pruned copy's task head is refit with
-    ``refit_task_head(model, train_set, **refit_kwargs)``.
+    train_set, val_set: shortcut correlated with a class (detection by maxima runs on
+    val_set; an ``atlas`` is taken to be built on train_set); test_set: the decorrelated
+    split. Give ``config`` (a CSRConfig) to train a new model with
+    ``csr_widgets.training.train(model, train_set, val_set, **train_kwargs)`` (e.g.
+    ``plan=TrainingPlan(...)``), or a trained ``model`` (not modified). The pruned copy's
+    task head is refit with ``refit_task_head(pruned, train_set, **refit_kwargs)``.
     """
-    from ..training import refit_task_head  # lazily: training depends on this package's models
+    from ..training import refit_task_head  # lazily: training imports the model, not this module
 
     if model is None:
         if config is None:
@@ -229,13 +283,13 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         from ..training import train
 
         model = CSRModel(config)
-        trained = train(model, train_set, val_set, **(train_kwargs or {}))
+        trained = train(model, train_set, val_set, **{"progress": progress, **(train_kwargs or {})})
         model = trained if isinstance(trained, CSRModel) else model
     rates = shortcut_prototype_rates(model, val_set, tolerance, batch_size, progress)
-    found = find_shortcut_prototypes(model, val_set, threshold, tolerance, atlas_matches, rates=rates)
+    found = find_shortcut_prototypes(model, val_set, threshold, tolerance, atlas, train_set, rates=rates)
 
     def refit(pruned):
-        return refit_task_head(pruned, train_set, **(refit_kwargs or {}))
+        return refit_task_head(pruned, train_set, **{"progress": progress, **(refit_kwargs or {})})
 
     comparison = compare_pruning(model, test_set, found, refit, batch_size, progress)
     correlated = _scoreboard(evaluate(model, val_set, batch_size=batch_size, progress=progress), int((~model.prototype_mask).sum()))

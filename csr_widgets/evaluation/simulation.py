@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..model.interaction import Box, Interaction
 from . import metrics
