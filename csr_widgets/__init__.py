@@ -5,5 +5,16 @@ from .config import CSRConfig
 from .data import SyntheticCXR
 from .model import Box, CSRModel, Interaction
 from .pretrained import load_pretrained
+from .widgets import AtlasExplorer, CSRExplorer
 
-__all__ = ["CSRConfig", "CSRModel", "Interaction", "Box", "load_pretrained", "SyntheticCXR", "__version__"]
+__all__ = [
+    "CSRConfig",
+    "CSRModel",
+    "Interaction",
+    "Box",
+    "load_pretrained",
+    "SyntheticCXR",
+    "CSRExplorer",
+    "AtlasExplorer",
+    "__version__",
+]

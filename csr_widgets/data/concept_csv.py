@@ -45,7 +45,8 @@ class ConceptCSV(AnnotatedImages):
         bad = ~np.isin(flags, (0, 1))
         if bad.any():
             row, col = map(int, np.argwhere(bad)[0])
-            raise ValueError(f"{csv.name} line {csv_line(frame.index[row])}: concept {concepts[col]!r} must be 0 or 1, got {flags[row, col]!r}")
+            where = f"{csv.name} line {csv_line(frame.index[row])}"
+            raise ValueError(f"{where}: concept {concepts[col]!r} must be 0 or 1, got {flags[row, col]!r}")
         classes, labels = _labels(frame, label_column, classes, csv)
         records, by_path = [], {}
         for row, (index, image) in enumerate(zip(frame.index, frame[image_column].astype(str))):

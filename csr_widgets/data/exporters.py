@@ -27,7 +27,11 @@ from .isic import ISIC_ATTRIBUTES, ISIC_SPLITS
 from .vindr import KAGGLE_FINDINGS, PHYSIONET_FINDINGS, PHYSIONET_GLOBAL
 
 TBX11K_CATEGORIES = ("ActiveTuberculosis", "ObsoletePulmonaryTuberculosis", "PulmonaryTuberculosis")
-TBX11K_FROM_SYNTHETIC = {"cavity": "ActiveTuberculosis", "consolidation": "ActiveTuberculosis", "nodule": "ObsoletePulmonaryTuberculosis"}
+TBX11K_FROM_SYNTHETIC = {
+    "cavity": "ActiveTuberculosis",
+    "consolidation": "ActiveTuberculosis",
+    "nodule": "ObsoletePulmonaryTuberculosis",
+}
 TBX11K_FOLDERS = {"healthy": ("health", "h"), "sick": ("sick", "s"), "tb": ("tb", "tb")}
 VINDR_FROM_SYNTHETIC = {
     "nodule": "Nodule/Mass",
@@ -137,18 +141,19 @@ def write_vindr(
                 if x1 > x0 and y1 > y0:
                     drawn.append((names[concept], x0, y0, x1, y1))
             for name, x0, y0, x1, y1 in drawn or [("No finding", np.nan, np.nan, np.nan, np.nan)]:
-                box_rows.append({"image_id": image_id, "class_name": name, "rad_id": rad_id, "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1})
+                box_rows.append(dict(image_id=image_id, class_name=name, rad_id=rad_id, x_min=x0, y_min=y0, x_max=x1, y_max=y1))
             label_rows.append(_reader_labels(image_id, rad_id, {d[0] for d in drawn}, source.classes[item["label"]]))
-    boxes = pd.DataFrame(box_rows, columns=["image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max"])
+    corners = ["x_min", "y_min", "x_max", "y_max"]
+    boxes = pd.DataFrame(box_rows, columns=["image_id", "class_name", "rad_id", *corners])
     if layout == "kaggle":
         ids = {name: i for i, name in enumerate(KAGGLE_FINDINGS)} | {"No finding": len(KAGGLE_FINDINGS)}
-        boxes.insert(2, "class_id", boxes["class_name"].map(ids))
+        boxes["class_id"] = boxes["class_name"].map(ids)
         csv_path = root / f"{split}.csv"
-        boxes[["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]].to_csv(csv_path, index=False)
+        boxes[["image_id", "class_name", "class_id", "rad_id", *corners]].to_csv(csv_path, index=False)
         return csv_path
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     csv_path = root / "annotations" / f"annotations_{split}.csv"
-    boxes[["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"]].to_csv(csv_path, index=False)
+    boxes[["image_id", "rad_id", "class_name", *corners]].to_csv(csv_path, index=False)
     pd.DataFrame(label_rows).to_csv(root / "annotations" / f"image_labels_{split}.csv", index=False)
     return csv_path
 

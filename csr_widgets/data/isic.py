@@ -38,7 +38,8 @@ class ISIC2018(AnnotatedImages):
         masks: also return "masks", (5, H, W) bool.
     """
 
-    def __init__(self, root, split: str = "train", labels=None, image_size: int | None = None, channels: int | None = 3, masks: bool = False):
+    def __init__(self, root, split: str = "train", labels=None, image_size: int | None = None,
+                 channels: int | None = 3, masks: bool = False):
         if split not in ISIC_SPLITS:
             raise ValueError(f"split must be one of {tuple(ISIC_SPLITS)}, got {split!r}")
         root, name = Path(root), ISIC_SPLITS[split]
@@ -68,11 +69,14 @@ class ISIC2018(AnnotatedImages):
             except FileNotFoundError:
                 raise FileNotFoundError(f"mask file not found: {path} (for {record.source})") from None
             if mask.shape != (height, width):
-                raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {record.path} is {width}x{height}")
+                raise ValueError(
+                    f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {record.path} is {width}x{height}"
+                )
             masks[k] = mask
             rows, cols = torch.nonzero(mask.any(dim=1)), torch.nonzero(mask.any(dim=0))
             if len(rows):
-                boxes.append(Box(attribute, float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1), source=str(path)))
+                x0, y0, x1, y1 = float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+                boxes.append(Box(attribute, x0, y0, x1, y1, source=str(path)))
         concepts = masks.flatten(1).any(dim=1).numpy().astype(np.float32)
         return concepts, boxes, masks if self.return_masks else None
 
@@ -89,7 +93,8 @@ def _records(labels_csv: Path, images_dir: Path, truth_dir: Path) -> tuple[list[
         one_hot = frame[classes].to_numpy(float)
         bad = np.flatnonzero(~np.isclose(one_hot.sum(axis=1), 1.0) | ~np.isin(one_hot, (0.0, 1.0)).all(axis=1))
         if len(bad):
-            raise ValueError(f"{labels_csv.name} line {csv_line(frame.index[bad[0]])}: a row needs exactly one class column at 1")
+            where = f"{labels_csv.name} line {csv_line(frame.index[bad[0]])}"
+            raise ValueError(f"{where}: a row needs exactly one class column at 1")
         labels = one_hot.argmax(axis=1).tolist()
     records = []
     for index, image_id, label in zip(frame.index, frame["image"].astype(str), labels):
@@ -97,5 +102,7 @@ def _records(labels_csv: Path, images_dir: Path, truth_dir: Path) -> tuple[list[
         if not path.is_file() and (images_dir / f"{image_id}.png").is_file():
             path = images_dir / f"{image_id}.png"
         masks = [truth_dir / f"{image_id}_attribute_{a}.png" for a in ISIC_ATTRIBUTES]
-        records.append(Record(image_id, path, np.zeros(len(ISIC_ATTRIBUTES), np.float32), int(label), [], f"{labels_csv.name} line {csv_line(index)}", masks))
+        unknown = np.zeros(len(ISIC_ATTRIBUTES), np.float32)  # read from the masks, per item
+        where = f"{labels_csv.name} line {csv_line(index)}"
+        records.append(Record(image_id, path, unknown, int(label), [], where, masks))
     return records, classes

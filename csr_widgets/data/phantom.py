@@ -5,8 +5,8 @@ shortcut, noise grids), drawn in a fixed order from one numpy Generator. Geometr
 in normalised coordinates (u = column, v = row, both in [0, 1] across a square image), so
 one scene renders to the same picture at any size and nothing drawn before the per-pixel
 noise depends on the size. Rasterising works on 1-D pixel-centre vectors and
-broadcasting, and every part is drawn inside its own window, never on full meshgrids:
-that is what keeps a 224-px image at a few milliseconds.
+broadcasting, and each part (lung, heart, lesion, device) is drawn inside its own
+window: that is what keeps a 224-px image at a few milliseconds.
 
 Brightness is attenuation: air is dark, soft tissue grey, bone and metal bright.
 """
@@ -38,6 +38,10 @@ GLYPHS = np.array([[[c == "#" for c in row] for row in glyph] for glyph in _GLYP
 # between the two ranges is what makes the finding learnable, difficulty narrows it.
 _NORMAL_HEART = (0.92, 1.06)
 _ENLARGED_HEART = ((1.32, 1.50), (1.16, 1.28))
+# How much the lungs' air darkens the soft tissue, how much of it the heart hides, and
+# the widths of their soft edges (image widths; heart: in its normalised radius).
+_AIR, _HEART_HIDES_AIR = 0.3, 0.9
+_LUNG_EDGE, _HEART_EDGE = 0.012, 0.15
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ def sample_lesions(
     def contrast(concept: str) -> float:
         return specs[concept].contrast * ease * float(rng.uniform(0.85, 1.15))
 
-    def size(concept: str) -> float:
+    def scale(concept: str) -> float:
         return specs[concept].size * shrink
 
     if counts.get("cardiomegaly", 0):
@@ -267,30 +271,34 @@ def sample_lesions(
     sides = [-1, 1] if counts.get("effusion", 0) >= 2 else [int(rng.choice([-1, 1]))]
     for side in sides[: counts.get("effusion", 0)]:
         lung = anatomy.lungs[(side + 1) // 2]
-        height = rng.uniform(0.16, 0.28) * size("effusion")
+        height = rng.uniform(0.16, 0.28) * scale("effusion")
         level = lung.base - height * (lung.base - lung.top)
         placer.fluid_top[side] = level - 0.04
-        lesions.append(Lesion("effusion", side, 0.34 * contrast("effusion"), {"level": level, "meniscus": rng.uniform(0.03, 0.06)}))
+        shape = {"level": level, "meniscus": rng.uniform(0.03, 0.06)}
+        lesions.append(Lesion("effusion", side, 0.34 * contrast("effusion"), shape))
     if counts.get("pneumothorax", 0):
         side = int(rng.choice([-1, 1]))
-        depth = rng.uniform(0.03, 0.05) * size("pneumothorax")
+        depth = rng.uniform(0.03, 0.05) * scale("pneumothorax")
         placer.rim[side] = depth
-        lesions.append(Lesion("pneumothorax", side, 0.16 * contrast("pneumothorax"), {"depth": depth, "extent": rng.uniform(0.6, 0.75)}))
+        shape = {"depth": depth, "extent": rng.uniform(0.6, 0.75)}
+        lesions.append(Lesion("pneumothorax", side, 0.16 * contrast("pneumothorax"), shape))
     for _ in range(counts.get("consolidation", 0)):
-        radius = rng.uniform(0.075, 0.1) * size("consolidation")
+        radius = rng.uniform(0.075, 0.1) * scale("consolidation")
         lung, u, v = placer.place(rng, radius, (0.3, 0.8))
         blobs = [(u, v, radius * 0.75, radius * 0.7)]
         for _ in range(4):
             angle = rng.uniform(0, 2 * math.pi)
             dist = rng.uniform(0.25, 0.45) * radius
-            blobs.append((u + dist * math.cos(angle), v + dist * math.sin(angle), radius * rng.uniform(0.4, 0.6), radius * rng.uniform(0.4, 0.6)))
+            radii = radius * rng.uniform(0.4, 0.6, 2)
+            blobs.append((u + dist * math.cos(angle), v + dist * math.sin(angle), *radii.tolist()))
         lesions.append(Lesion("consolidation", lung.side, 0.24 * contrast("consolidation"), {"blobs": blobs}))
     for _ in range(counts.get("cavity", 0)):
-        radius = rng.uniform(0.038, 0.05) * size("cavity")
+        radius = rng.uniform(0.038, 0.05) * scale("cavity")
         lung, u, v = placer.place(rng, radius, (0.12, 0.5))
-        lesions.append(Lesion("cavity", lung.side, 0.34 * contrast("cavity"), {"centre": (u, v), "radius": radius, "inner": rng.uniform(0.5, 0.62)}))
+        shape = {"centre": (u, v), "radius": radius, "inner": rng.uniform(0.5, 0.62)}
+        lesions.append(Lesion("cavity", lung.side, 0.34 * contrast("cavity"), shape))
     for _ in range(counts.get("nodule", 0)):
-        radius = rng.uniform(0.024, 0.036) * size("nodule")
+        radius = rng.uniform(0.024, 0.036) * scale("nodule")
         lung, u, v = placer.place(rng, radius, (0.15, 0.85))
         lesions.append(Lesion("nodule", lung.side, 0.3 * contrast("nodule"), {"centre": (u, v), "radius": radius}))
     return lesions
@@ -302,7 +310,9 @@ def sample_shortcut(rng: np.random.Generator, kind: str, anatomy: Anatomy) -> di
         cell = rng.uniform(0.009, 0.012)
         corner = int(rng.integers(2))  # top-left or top-right
         u = rng.uniform(0.025, 0.06)
-        return {"kind": kind, "letters": letters, "cell": cell, "u": u if corner == 0 else 1.0 - u - 4 * cell * len(letters), "v": rng.uniform(0.02, 0.05)}
+        if corner == 1:
+            u = 1.0 - u - 4 * cell * len(letters)
+        return {"kind": kind, "letters": letters, "cell": cell, "u": u, "v": rng.uniform(0.02, 0.05)}
     heart = anatomy.heart
     return {
         "kind": kind,
@@ -378,11 +388,14 @@ def _instance(concept: str, rows: slice, cols: slice, mask: np.ndarray) -> Insta
     return Instance(concept, box, mask[y0:y1, x0:x1])
 
 
-def _soft(margin, width: float):
-    return np.clip(margin * (1.0 / width), 0.0, 1.0)
+def _soft(margin: np.ndarray, width: float) -> np.ndarray:
+    """A ramp from 0 (margin <= 0) to 1 (margin >= width): anti-aliased, soft edges."""
+    out = margin * (1.0 / width)
+    np.maximum(out, 0.0, out=out)  # ufuncs in place: np.clip's wrapper costs more than
+    return np.minimum(out, 1.0, out=out)  # the arithmetic on these small windows
 
 
-def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[Instance], tuple[int, int, int, int] | None]:
+def render(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[Instance], tuple | None]:
     """Rasterise a scene.
 
     Returns the image (size, size) float32 in [0, 1], the drawn concept instances with
@@ -421,16 +434,16 @@ def _draw_anatomy(canvas: Canvas, anatomy: Anatomy) -> dict[int, tuple]:
     for lung in anatomy.lungs:
         rows, cols, u, v = canvas.window(*lung.bounds)
         lateral, overall = lung.margins(u, v)
-        air[rows, cols] += _soft(overall, 0.012)
+        air[rows, cols] += _soft(overall, _LUNG_EDGE)
         lung_masks[lung.side] = (rows, cols, overall > 0, lateral)
     # the heart is soft tissue in front of the lungs: it hides the air and adds nothing
     # where it overlaps the mediastinum, so its silhouette is what shows (and grows)
     rows, cols, u, v = canvas.window(*anatomy.heart.bounds)
-    canvas.heart = (rows, cols, _soft(anatomy.heart.margin(u, v), 0.15))
-    air[rows, cols] *= 1.0 - 0.9 * canvas.heart[2]
+    canvas.heart = (rows, cols, _soft(anatomy.heart.margin(u, v), _HEART_EDGE))
+    air[rows, cols] *= 1.0 - _HEART_HIDES_AIR * canvas.heart[2]
     np.multiply(body, 0.5, out=px)
     px += 0.04
-    px -= 0.3 * air
+    px -= _AIR * air
     # ribs: arched bands, plain over the air of the lungs, faint over soft tissue
     period, curve, phase = anatomy.ribs
     rows, cols, u, v = canvas.window(0.05, 0.05, 0.95, 0.84)
@@ -445,7 +458,8 @@ def _draw_anatomy(canvas: Canvas, anatomy: Anatomy) -> dict[int, tuple]:
     px[rows, cols] -= 0.1 * _soft(0.016 - np.abs(u - 0.5), 0.006)
     for side in (-1, 1):
         v0 = anatomy.clavicle_v
-        rows, cols, u, v = canvas.window(min(0.5 + side * 0.05, 0.5 + side * 0.34), v0 - 0.09, max(0.5 + side * 0.05, 0.5 + side * 0.34), v0 + 0.05)
+        inner, outer = 0.5 + side * 0.05, 0.5 + side * 0.34
+        rows, cols, u, v = canvas.window(min(inner, outer), v0 - 0.09, max(inner, outer), v0 + 0.05)
         along = np.abs(u - 0.5)
         centre_line = v0 + 0.02 - 0.22 * (along - 0.05)
         px[rows, cols] += 0.1 * _soft(0.012 - np.abs(v - centre_line), 0.006) * _soft(0.33 - along, 0.02)
@@ -519,8 +533,12 @@ def _draw_effusion(canvas, anatomy, lesion, markings, scene) -> Instance | None:
     # the fluid climbs the lateral chest wall: a meniscus, concave upwards
     surface = level - meniscus * (1.0 - lung.lateral_fraction(u)) ** 2
     depth = v - surface
-    mask = (depth > 0) & (lung.margins(u, v)[1] > 0)
-    canvas.pixels[rows, cols] += lesion.contrast * _soft(depth, 0.02) * mask
+    overall = lung.margins(u, v)[1]
+    mask = (depth > 0) & (overall > 0)
+    # fluid takes the place of the air, so it fills exactly what the lung darkened
+    # (soft lung edge, heart overlap) and no more: no bright rim at the dome
+    air = _soft(overall, _LUNG_EDGE) * (1.0 - _HEART_HIDES_AIR * _soft(anatomy.heart.margin(u, v), _HEART_EDGE))
+    canvas.pixels[rows, cols] += lesion.contrast * air * _soft(depth, 0.02) * mask
     markings[rows, cols] *= ~mask
     return _instance("effusion", rows, cols, mask)
 

@@ -84,8 +84,7 @@ def read_dicom(source, window="auto") -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if not photometric.startswith("MONOCHROME"):
         return _dicom_colour(ds, pixels, photometric)
-    values = _apply_modality_lut(pixels, ds).astype(np.float32, copy=False)
-    out = _apply_voi(values, ds, window)
+    out = _apply_voi(_apply_modality_lut(pixels, ds), ds, window)
     if photometric == "MONOCHROME1":  # stored inverted: low values are dense
         out = 1.0 - out
     return out.astype(np.float32, copy=False)
@@ -206,7 +205,8 @@ def _apply_modality_lut(pixels: np.ndarray, ds) -> np.ndarray:
     return apply_modality_lut(pixels, ds)
 
 
-def _apply_voi(values: np.ndarray, ds, window) -> np.ndarray:
+def _apply_voi(modality: np.ndarray, ds, window) -> np.ndarray:
+    values = modality.astype(np.float32)
     if window is None:
         return _min_max(values)
     if window != "auto":
@@ -218,7 +218,9 @@ def _apply_voi(values: np.ndarray, ds, window) -> np.ndarray:
         except ImportError:  # pydicom < 3
             from pydicom.pixel_data_handlers.util import apply_voi
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return np.asarray(apply_voi(values, ds), np.float32) / float(2**bits - 1)
+        # a LUT is indexed by stored integers: round what a rescale made fractional
+        indices = modality if np.issubdtype(modality.dtype, np.integer) else np.round(modality).astype(np.int64)
+        return np.asarray(apply_voi(indices, ds), np.float32) / float(2**bits - 1)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
         return _window(values, centre, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())

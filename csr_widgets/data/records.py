@@ -106,9 +106,11 @@ class AnnotatedImages(Dataset):
         boxes = [check_box(box, width, height, record) for box in boxes]
         item = {"image": image, "concepts": torch.as_tensor(concepts, dtype=torch.float32), "label": int(record.label)}
         if self.image_size is not None:
-            sx, sy = self.image_size / width, self.image_size / height
-            item["image"] = resize_image(image, self.image_size)
-            boxes = [(c, x0 * sx, y0 * sy, x1 * sx, y1 * sy) for c, x0, y0, x1, y1 in boxes]
+            size = self.image_size
+            item["image"] = resize_image(image, size)
+            # multiply first: whole-pixel boxes scale to exactly rounded floats
+            boxes = [(c, x0 * size / width, y0 * size / height, x1 * size / width, y1 * size / height)
+                     for c, x0, y0, x1, y1 in boxes]
             if masks is not None:
                 masks = resize_image(masks, self.image_size, mode="nearest")
         item["boxes"] = boxes

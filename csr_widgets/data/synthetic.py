@@ -143,6 +143,7 @@ class SyntheticCXR(Dataset):
             raise ValueError(f"label_noise must be in [0, 1), got {label_noise!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.concepts, self.classes = list(CONCEPTS), list(CLASSES)
         self.n, self.seed, self.image_size = int(n), int(seed), int(image_size)
         self.shortcut, self.split, self.difficulty = shortcut, split, float(difficulty)
         self.label_noise, self.channels, self.masks = float(label_noise), channels, bool(masks)
@@ -152,13 +153,14 @@ class SyntheticCXR(Dataset):
             raise ValueError(f"class_weights must be {len(CLASSES)} non-negative numbers, got {class_weights!r}")
         self.class_weights = weights / weights.sum()
         _check_classes_reachable(self.specs, self.class_weights)
-        self.shortcut_class = CLASSES.index(shortcut_class)
+        self.shortcut_class, self._shortcut_label = shortcut_class, CLASSES.index(shortcut_class)
         self.shortcut_correlation = float(shortcut_correlation)
         # the shortcut follows the *noisy* label, the one a model is trained on
-        pi = self.class_weights[self.shortcut_class]
+        pi = self.class_weights[self._shortcut_label]
         noisy_pi = pi * (1 - self.label_noise) + (1 - pi) * self.label_noise / (len(CLASSES) - 1)
         self.shortcut_rates = shortcut_rates(self.shortcut_correlation, noisy_pi)
         self._prevalence = np.array([self.specs[c].prevalence for c in CONCEPTS])
+        self._class_cdf = np.cumsum(self.class_weights)
 
     def __len__(self) -> int:
         return self.n
@@ -191,7 +193,7 @@ class SyntheticCXR(Dataset):
         return self._sample_header(self.random_stream(self._index(index)))
 
     def _sample_header(self, rng: np.random.Generator) -> dict:
-        clean = int(rng.choice(len(CLASSES), p=self.class_weights))
+        clean = min(int(np.searchsorted(self._class_cdf, rng.random(), side="right")), len(CLASSES) - 1)
         present = self._sample_concepts(rng, clean)
         counts = np.zeros(len(CONCEPTS), int)
         for k in np.flatnonzero(present):
@@ -200,7 +202,7 @@ class SyntheticCXR(Dataset):
         label = clean
         if rng.random() < self.label_noise:
             label = (clean + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)
-        rate = self.shortcut_rates[0] if label == self.shortcut_class else self.shortcut_rates[1]
+        rate = self.shortcut_rates[0] if label == self._shortcut_label else self.shortcut_rates[1]
         has_shortcut = bool(rng.random() < rate) and self.shortcut is not None
         return {"concepts": present, "counts": counts, "label": label, "clean_label": clean, "shortcut": has_shortcut}
 

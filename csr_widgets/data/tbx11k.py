@@ -33,7 +33,8 @@ class TBX11K(AnnotatedImages):
         channels: 1 (default; the PNGs are grey, possibly stored as RGB) or 3.
     """
 
-    def __init__(self, root, split: str = "train", image_size: int | None = None, channels: int | None = 1, annotations: str = "TBX11K"):
+    def __init__(self, root, split: str = "train", image_size: int | None = None, channels: int | None = 1,
+                 annotations: str = "TBX11K"):
         root = Path(root)
         json_path = root / "annotations" / "json" / f"{annotations}_{split}.json"
         if not json_path.is_file():

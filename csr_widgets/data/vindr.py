@@ -67,7 +67,8 @@ class VinDrCXR(AnnotatedImages):
         layout: None (detect), "kaggle" or "physionet".
     """
 
-    def __init__(self, root, split: str = "train", presence="any", image_size: int | None = None, channels: int | None = 1, layout: str | None = None):
+    def __init__(self, root, split: str = "train", presence="any", image_size: int | None = None,
+                 channels: int | None = 1, layout: str | None = None):
         root = Path(root)
         presence_threshold(presence, 3)  # validates before any file is read
         kaggle_csv = root / f"{split}.csv"
@@ -147,11 +148,12 @@ def _physionet_records(csv_path: Path, labels_csv: Path, images: dict, folder: P
     classes = [c for c in columns if c in PHYSIONET_GLOBAL]
     if not classes:
         raise ValueError(f"{labels_csv}: no global label column; expected some of {list(PHYSIONET_GLOBAL)}")
-    values = labels[columns].apply(lambda col: col.fillna(0)).to_numpy()
+    values = labels[columns].fillna(0).to_numpy()
     bad = ~np.isin(values, (0, 1))
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"{labels_csv.name} line {csv_line(labels.index[row])}: column {columns[col]!r} must be 0 or 1, got {values[row, col]!r}")
+        where = f"{labels_csv.name} line {csv_line(labels.index[row])}"
+        raise ValueError(f"{where}: column {columns[col]!r} must be 0 or 1, got {values[row, col]!r}")
     frame = read_csv(csv_path)
     require_columns(frame, ["image_id", "rad_id", "class_name", *_BOX_COLUMNS], csv_path)
     boxes = _read_boxes(csv_path, frame, concepts)
