@@ -1,29 +1,34 @@
 """AtlasExplorer: browse, prune and refit the prototypes of a CSR model (DESIGN section 3).
 
-The atlas interface (duck-typed; anything with this shape works)
------------------------------------------------------------------
-``atlas[k, m]`` (or ``atlas.entry(k, m)``) gives prototype m of concept k's entry, or
-None when it has none. An entry is an object or a mapping with:
+The atlas interface (duck-typed; anything with one of these shapes works)
+--------------------------------------------------------------------------
+Per prototype (k, m), either
 
-- ``crop``: uint8 array (h, w), (h, w, 3) or (h, w, 4): the training-image patch most
-  similar to the prototype (Eq. 11, argmax for cosine);
-- ``source_index``: int, index of that image in the training dataset;
-- ``location``: (x0, y0, x1, y1), where the crop lies in that image's pixels
-  (x1/y1 exclusive);
-- ``similarity``: float, the prototype's cosine similarity there;
-- optional ``heatmap``: float array (h, w) in [0, 1] aligned with the crop; when absent
-  and a dataset is given, the prototype's similarity map on the source image is computed.
+1. entries: ``atlas.entry(k, m)`` or ``atlas[k, m]`` returns None (no entry) or an object
+   or mapping with
+   - ``crop``: uint8 array (h, w), (h, w, 3) or (h, w, 4): the training-image patch most
+     similar to the prototype (Eq. 11, argmax for cosine);
+   - ``source_index``: int, index of that image in the training dataset;
+   - ``location``: (x0, y0, x1, y1), where the crop lies in that image's pixels
+     (x1/y1 exclusive);
+   - ``similarity``: float, the prototype's cosine similarity there;
+   - optional ``heatmap``: float array (h, w) in [0, 1] aligned with the crop;
+2. or columns, as ``csr_widgets.evaluation.atlas.Atlas`` stores them: ``crops`` (K, M, h, w[, 3])
+   uint8, ``image_index`` (K, M) (-1: no entry), ``crop_boxes`` (K, M, 4), ``similarity``
+   (K, M).
 
 Optionally ``atlas.usage``: (K, M) counts of how often each prototype is the best of its
-concept; when a dataset is given the explorer counts this itself.
+concept; when a dataset is given the explorer counts this itself. Without a ``heatmap``,
+and with a dataset, a tile shows the prototype's similarity map on its source image.
 
 Dataset items are read as DESIGN section 7 describes them (image (C, H, W) in [0, 1],
 concepts (K,), label, boxes), as a mapping, an object with those attributes, or a tuple.
 
 Pruning writes ``model.prototype_mask`` (a public mask: pruned prototypes enter the task
-head as 0). "Apply" refits the task head with ``refit(model, dataset, progress=callback)``
-(default ``csr_widgets.training.refit_task_head``), where ``callback(fraction)`` takes a
-float in [0, 1]; validation macro F1 is shown before and after.
+head as 0). "Apply" refits the task head with ``refit(model, dataset, progress=callback)``, where
+``callback(fraction)`` takes a float in [0, 1] (a refit without a ``progress`` parameter
+is called without it); the default is ``csr_widgets.training.refit_task_head``.
+Validation macro F1 is shown before and after.
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ def atlas_entry(atlas, k: int, m: int):
     location, similarity, heatmap (None when absent); None when the atlas has none."""
     if atlas is None:
         return None
+    if not hasattr(atlas, "entry") and hasattr(atlas, "crops"):
+        return _column_entry(atlas, k, m)
     try:
         entry = atlas.entry(k, m) if hasattr(atlas, "entry") else atlas[k, m]
     except (KeyError, IndexError):
@@ -67,12 +74,28 @@ def atlas_entry(atlas, k: int, m: int):
     crop = field("crop")
     if crop is None:
         raise ValueError(f"Atlas entry ({k}, {m}) has no crop: an entry needs crop, source_index, location, similarity.")
-    heatmap = field("heatmap")
+    return _entry(crop, field("source_index"), field("location"), field("similarity"), field("heatmap"))
+
+
+def _column_entry(atlas, k: int, m: int):
+    def column(name):
+        values = getattr(atlas, name, None)
+        return None if values is None else np.asarray(values[k][m])
+
+    source = column("image_index")
+    if source is not None and int(source) < 0:
+        return None  # the concept never appeared in the training data
+    location = column("crop_boxes")
+    return _entry(column("crops"), source, location, column("similarity"), None)
+
+
+def _entry(crop, source_index, location, similarity, heatmap):
+    similarity = None if similarity is None or not np.isfinite(float(similarity)) else float(similarity)
     return SimpleNamespace(
         crop=np.asarray(crop),
-        source_index=None if field("source_index") is None else int(field("source_index")),
-        location=None if field("location") is None else tuple(float(v) for v in field("location")),
-        similarity=None if field("similarity") is None else float(field("similarity")),
+        source_index=None if source_index is None else int(source_index),
+        location=None if location is None else tuple(float(v) for v in np.asarray(location).reshape(-1)[:4]),
+        similarity=similarity,
         heatmap=None if heatmap is None else np.asarray(heatmap, dtype=np.float32),
     )
 
@@ -131,8 +154,8 @@ class AtlasExplorer(widgets.VBox):
         self.colormap = colormap
         self.tile_size = int(tile_size)
         self.batch_size = int(batch_size)
-        K, M = model.config.num_concepts, model.config.prototypes_per_concept
-        self._source_maps: dict[int, torch.Tensor] = {}
+        self._source_maps: dict[int, torch.Tensor] = {}  # source image -> (K, M, h, w) S
+        self._source_sizes: dict[int, tuple[int, int]] = {}
         self._validation_encodings: list[tuple[Encoding, np.ndarray]] | None = None
 
         self.usage = self._usage_counts()  # (K, M) int or None
@@ -161,8 +184,13 @@ class AtlasExplorer(widgets.VBox):
             images.append(model_input(read_image(image), self.model.config.in_channels, size)[0])
             labels.append(label)
             concepts.append(concept)
-        with torch.inference_mode():
-            encoding = self.model.encode(torch.stack(images).to(self.model.device))
+        was_training = self.model.training
+        self.model.eval()  # batch norm must use its running statistics here
+        try:
+            with torch.inference_mode():
+                encoding = self.model.encode(torch.stack(images).to(self.model.device))
+        finally:
+            self.model.train(was_training)
         return encoding, list(zip(labels, concepts))
 
     def _batches(self, dataset):
@@ -170,33 +198,39 @@ class AtlasExplorer(widgets.VBox):
             yield [dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))]
 
     def _usage_counts(self) -> np.ndarray | None:
-        """How often each prototype is its concept's best, over dataset images showing the concept."""
+        """How often each prototype is its concept's best, over dataset images showing the concept.
+
+        The same pass keeps what else needs the dataset's encodings (the validation
+        encodings when validation is the dataset, the atlas source images' maps), so each
+        image is encoded once.
+        """
         if self.dataset is None:
             usage = getattr(self.atlas, "usage", None)
             return None if usage is None else np.asarray(usage, dtype=np.int64)
         K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
         counts = np.zeros((K, M), np.int64)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for items in self._batches(self.dataset):
-                encoding, meta = self._encode(items)
-                with torch.inference_mode():
-                    best = self.model.reason(encoding).scores.argmax(-1).cpu().numpy()  # (B, K)
-                for b, (_, concepts) in enumerate(meta):
-                    present = np.ones(K, bool) if concepts is None else np.asarray(torch.as_tensor(concepts).cpu()) > 0.5
-                    for k in np.flatnonzero(present):
-                        counts[k, best[b, k]] += 1
-        finally:
-            self.model.train(was_training)
+        sources = self._source_indices()
+        validation = [] if self.validation is self.dataset else None
+        for start, items in zip(range(0, len(self.dataset), self.batch_size), self._batches(self.dataset)):
+            encoding, meta = self._encode(items)
+            with torch.inference_mode():
+                best = self.model.reason(encoding).scores.argmax(-1).cpu().numpy()  # (B, K)
+            for b, (_, concepts) in enumerate(meta):
+                present = np.ones(K, bool) if concepts is None else np.asarray(torch.as_tensor(concepts).cpu()) > 0.5
+                for k in np.flatnonzero(present):
+                    counts[k, best[b, k]] += 1
+                if start + b in sources:
+                    self._keep_source(start + b, items[b], encoding.similarity_maps[b])
+            if validation is not None:
+                validation.append((_pooled(encoding), np.array([int(label) for label, _ in meta])))
+        if validation is not None:
+            self._validation_encodings = validation
         return counts
 
     def validation_f1(self) -> float | None:
         """Macro F1 of the model as it is now on the validation items (None without them).
 
-        Images are encoded once; pruning and refitting only change ``reason``. Without
-        boxes, ``reason`` needs each similarity map's maximum only, so the cached encodings
-        keep just that (B, K, M, 1, 1) (similarity hooks then see 1x1 maps).
+        Images are encoded once; pruning and refitting only change ``reason``.
         """
         if self.validation is None:
             return None
@@ -206,13 +240,7 @@ class AtlasExplorer(widgets.VBox):
             self._validation_encodings = []
             for items in self._batches(self.validation):
                 encoding, meta = self._encode(items)
-                pooled = Encoding(
-                    encoding.similarity_maps.amax(dim=(-2, -1), keepdim=True),
-                    encoding.concept_maps.amax(dim=(-2, -1), keepdim=True),
-                    encoding.concept_logits,
-                    encoding.image_size,
-                )
-                self._validation_encodings.append((pooled, np.array([int(label) for label, _ in meta])))
+                self._validation_encodings.append((_pooled(encoding), np.array([int(label) for label, _ in meta])))
         predicted, truth = [], []
         with torch.inference_mode(), single_threaded():
             for encoding, labels in self._validation_encodings:
@@ -282,9 +310,7 @@ class AtlasExplorer(widgets.VBox):
         self._progress.layout.visibility = "visible"
         self._status.value = "refitting the task head&hellip;"
         try:
-            refit = self._refit
-            if refit is None:
-                from ..training import refit_task_head as refit  # imported late: written alongside training
+            refit = self._refit if self._refit is not None else _default_refit
             self._f1_before = self.validation_f1()
             kwargs = {"progress": self._on_progress} if _accepts(refit, "progress") else {}
             refit(self.model, self.dataset, **kwargs)
@@ -380,18 +406,17 @@ class AtlasExplorer(widgets.VBox):
         return render.resize_rgba(crop, (self.tile_size, self.tile_size), smooth=False)
 
     def _source_heat(self, k: int, m: int, entry) -> np.ndarray | None:
-        """Prototype (k, m)'s similarity map on its source image, cut to the crop."""
+        """Prototype (k, m)'s similarity map on its source image, in [0, 1], cut to the crop."""
         if self.dataset is None or entry.source_index is None or entry.location is None:
             return None
         index = entry.source_index
-        image = read_image(item_fields(self.dataset[index])[0])
-        H, W = image.shape[-2:]
-        size = (self.model.config.image_size,) * 2
         if index not in self._source_maps:
-            with torch.inference_mode():
-                encoding = self.model.encode(model_input(image, self.model.config.in_channels, size).to(self.model.device))
-            self._source_maps[index] = encoding.similarity_maps[0].cpu()
-        pixels = render.upsample(self._source_maps[index][k, m].clamp(min=0).numpy(), self.model.grid, size)
+            self._encode_sources()
+        H, W = self._source_sizes[index]
+        size = (self.model.config.image_size,) * 2
+        # scaled by the map's maximum over the whole source image: the crop shows where, in
+        # it, the prototype matches best
+        pixels = render.normalise(render.upsample(self._source_maps[index][k, m].clamp(min=0).numpy(), self.model.grid, size))
         # The crop's location in source pixels -> model-input pixels (a scaling, geometry.py),
         # widened to whole pixels.
         x0, y0, x1, y1 = entry.location
@@ -399,6 +424,25 @@ class AtlasExplorer(widgets.VBox):
         top, left = int(np.floor(y0 * sy)), int(np.floor(x0 * sx))
         bottom, right = max(top + 1, int(np.ceil(y1 * sy))), max(left + 1, int(np.ceil(x1 * sx)))
         return pixels[max(top, 0) : bottom, max(left, 0) : right]
+
+    def _source_indices(self) -> set[int]:
+        K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
+        entries = (atlas_entry(self.atlas, k, m) for k in range(K) for m in range(M))
+        return {e.source_index for e in entries if e is not None and e.source_index is not None}
+
+    def _keep_source(self, index: int, item, maps: torch.Tensor) -> None:
+        self._source_maps[index] = maps.cpu()
+        self._source_sizes[index] = tuple(read_image(item_fields(item)[0]).shape[-2:])
+
+    def _encode_sources(self) -> None:
+        """Similarity maps of the atlas source images not seen yet, encoded in batches."""
+        wanted = sorted(self._source_indices() - set(self._source_maps))
+        for start in range(0, len(wanted), self.batch_size):
+            indices = wanted[start : start + self.batch_size]
+            items = [self.dataset[i] for i in indices]
+            encoding, _ = self._encode(items)
+            for i, item, maps in zip(indices, items, encoding.similarity_maps):
+                self._keep_source(i, item, maps)
 
     def _arrange(self) -> None:
         K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
@@ -461,13 +505,35 @@ class AtlasExplorer(widgets.VBox):
 
     def _load_clicked(self) -> None:
         try:
-            self.load_mask(self._mask_text.value)
+            self.load_mask(json.loads(self._mask_text.value))  # text from the box: never a path
             self._status.value = "mask loaded"
-        except (ValueError, KeyError, json.JSONDecodeError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             self._status.value = f'<span style="color:#D55E00">cannot load the mask: {error}</span>'
 
     def _bump(self) -> None:
         self.set_trait("revision", self.revision + 1)
+
+
+def _default_refit(model, dataset) -> None:
+    """Stage 3 again on the current masks (imported late: training is a heavier module).
+
+    Its ``progress`` is a tqdm switch, not a callback: off, so nothing prints into the
+    notebook; the bar then goes from 0 to 1 when the refit ends.
+    """
+    from ..training import refit_task_head
+
+    refit_task_head(model, dataset, progress=False)
+
+
+def _pooled(encoding: Encoding) -> Encoding:
+    """Without boxes, ``reason`` needs only each similarity map's maximum: keep that,
+    (B, K, M, 1, 1), instead of whole maps (similarity hooks then see 1 x 1 maps)."""
+    return Encoding(
+        encoding.similarity_maps.amax(dim=(-2, -1), keepdim=True),
+        encoding.concept_maps.amax(dim=(-2, -1), keepdim=True),
+        encoding.concept_logits,
+        encoding.image_size,
+    )
 
 
 def _accepts(function: Callable, name: str) -> bool:

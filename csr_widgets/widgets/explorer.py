@@ -10,7 +10,7 @@ Responsiveness rules (DESIGN section 8):
 - mouse moves only move the rubber band, at most once per ``frame_interval`` (latest
   position wins, a trailing frame is scheduled on the kernel's event loop), so a flood of
   events never queues work; the model runs on mouse-up;
-- canvas commands of one update go out as one message (``hold_canvas``);
+- canvas commands of one update go out as one message (as with ``hold_canvas``);
 - nothing is recomputed or re-sent when nothing changed (results are cached by state,
   the heatmap by what it shows);
 - the heatmap goes to the browser as the small model-input-sized RGBA map on a hidden
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 import traitlets
-from ipycanvas import Canvas, MultiCanvas, hold_canvas
+from ipycanvas import Canvas, MultiCanvas
 from ipycanvas.canvas import COMMANDS
 
 from ..model import Box, CSRModel, Encoding, Reasoning
@@ -238,24 +239,25 @@ class CSRExplorer(widgets.VBox):
     @property
     def concept(self) -> str | None:
         """The concept whose heatmap is shown (None: no heatmap)."""
-        return self._concept.value
+        return self._concept.value or None  # the dropdown holds "" for "off"
 
     @concept.setter
     def concept(self, name: str | None) -> None:
         if name is not None:
             self.model.concept_index([name])
-        self._concept.value = name
+        self._concept.value = name or ""
 
     @property
     def prototype(self) -> int | None:
-        return self._prototype.value
+        value = self._prototype.value  # the dropdown holds -1 for "max over M"
+        return None if value < 0 else value
 
     @prototype.setter
     def prototype(self, index: int | None) -> None:
         M = self.model.config.prototypes_per_concept
         if index is not None and not 0 <= index < M:
             raise ValueError(f"prototype must be None or in [0, {M}), got {index!r}.")
-        self._prototype.value = index
+        self._prototype.value = -1 if index is None else index
 
     @property
     def can_undo(self) -> bool:
@@ -303,8 +305,7 @@ class CSRExplorer(widgets.VBox):
         return session_dict(self.state, self.image_size, self.model.concepts, self.model.classes, view)
 
     def to_json(self, **kwargs) -> str:
-        import json
-
+        """The session (boxes, rejections, alpha, view) as JSON; ``kwargs`` go to json.dumps."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
@@ -419,8 +420,12 @@ class CSRExplorer(widgets.VBox):
         cached = self._results.get(key)
         if cached is None:
             self._set_busy(True)
-            with torch.inference_mode(), single_threaded():
-                result = self.model.reason(self.encoding, state.interaction(self.geometry.box_to_model))
+            try:
+                with torch.inference_mode(), single_threaded():
+                    result = self.model.reason(self.encoding, state.interaction(self.geometry.box_to_model))
+            except Exception:
+                self._set_busy(False)  # not stuck at "computing" after an error
+                raise
             self.reason_count += 1
             cached = self._results[key] = (self.reason_count, result)
             while len(self._results) > RESULT_CACHE:
@@ -438,7 +443,7 @@ class CSRExplorer(widgets.VBox):
     # ------------------------------------------------------------------ widgets
     def _build(self, concept, prototype, smooth, colormap, opacity, fade) -> None:
         H, W = self.geometry.canvas_size
-        K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
+        M = self.model.config.prototypes_per_concept
         self._fade = bool(fade)
         self.canvas = MultiCanvas(4, width=W, height=H, layout=widgets.Layout(width=f"{W}px", height=f"{H}px"))
         self.canvas.add_class("csr-canvas")
@@ -475,9 +480,14 @@ class CSRExplorer(widgets.VBox):
         self._busy.add_class("csr-busy-state")
         toolbar = widgets.HBox([self._mode, self._delete_button, self._clear_button, self._undo_button, self._redo_button, self._busy])
 
-        self._concept = widgets.Dropdown(options=[("off", None)] + [(c, c) for c in self.model.concepts], value=concept, description="heatmap")
+        # Sentinels "" and -1, not None: ipywidgets shows a None value as an empty selection.
+        if concept is not None:
+            self.model.concept_index([concept])
+        if prototype is not None and not (isinstance(prototype, int) and 0 <= prototype < M):
+            raise ValueError(f"prototype must be None or in [0, {M}), got {prototype!r}.")
+        self._concept = widgets.Dropdown(options=[("off", "")] + [(c, c) for c in self.model.concepts], value=concept or "", description="heatmap")
         self._prototype = widgets.Dropdown(
-            options=[(f"max over {M}", None)] + [(f"prototype {m}", m) for m in range(M)], value=prototype, description="of"
+            options=[(f"max over {M}", -1)] + [(f"prototype {m}", m) for m in range(M)], value=-1 if prototype is None else prototype, description="of"
         )
         self._smooth = widgets.ToggleButtons(options=[("smooth", True), ("cells", False)], value=bool(smooth), style=widgets.ToggleButtonsStyle(button_width="auto"))
         render.colormap_lut(colormap)  # validates the name
@@ -525,12 +535,29 @@ class CSRExplorer(widgets.VBox):
         self.add_class("csr-explorer")
 
     # ------------------------------------------------------------------ drawing
+    @contextmanager
+    def _batch(self):
+        """Send the canvas commands drawn inside as one message, like ``hold_canvas``, but
+        re-entrant (a nested hold_canvas flushes early: the browser would show half-drawn
+        frames) and safe on errors (hold_canvas leaves caching on after an exception, and
+        every later drawing would then wait forever)."""
+        manager = self._heat_source._canvas_manager
+        if manager._caching:  # inside an outer batch (ours or the user's hold_canvas)
+            yield
+            return
+        manager._caching = True
+        try:
+            yield
+        finally:
+            manager.flush()  # sends what was drawn, even after an error, so the view stays whole
+            manager._caching = False
+
     def redraw(self) -> None:
         """Send everything again: the image, the heatmap, the boxes (e.g. for a new client)."""
         H, W = self.geometry.canvas_size
-        with hold_canvas():
+        with self._batch():
             self.canvas[IMAGE].clear()
-            put_rgba(self.canvas[IMAGE], display_rgba(self._image, (H, W)), compress_level=6)
+            put_rgba(self.canvas[IMAGE], display_rgba(self._image, (H, W)))
             self._heat_key = self._boxes_key = None
             self._render()
             self.canvas[INTERACTION].clear()
@@ -539,9 +566,12 @@ class CSRExplorer(widgets.VBox):
         """Bring heatmap, boxes and side panel up to date; send only what changed."""
         if self.result is None:
             return
-        with hold_canvas():
+        with self._batch():
             self._draw_heatmap()
             self._draw_boxes()
+        # The canvas message goes out before the panel's: the browser decodes the heatmap
+        # PNG while the panel's small HTML updates arrive (even inside an outer batch).
+        self._heat_source._canvas_manager.flush()
         self._update_panel()
         if self.busy:
             self._set_busy(False)
@@ -566,13 +596,16 @@ class CSRExplorer(widgets.VBox):
             self.heatmap = None
         else:
             self.heatmap = self._heatmap_rgba()
+            # ipycanvas's putImageData draws the PNG over what is there (drawImage), and a
+            # semi-transparent map over the previous one would add up: clear first.
+            self._heat_source.clear()
             put_rgba(self._heat_source, self.heatmap)
         self._draw_overlay()
 
     def _draw_overlay(self) -> None:
         layer = self.canvas[HEATMAP]
         H, W = self.geometry.canvas_size
-        with hold_canvas():
+        with self._batch():
             layer.clear()
             if self.heatmap is not None:
                 layer.global_alpha = self._opacity.value
@@ -585,7 +618,7 @@ class CSRExplorer(widgets.VBox):
             return
         self._boxes_key = key
         layer = self.canvas[BOXES]
-        with hold_canvas():
+        with self._batch():
             layer.clear()
             for index, box in enumerate(self.state.boxes):
                 self._stroke_box(layer, self.geometry.box_to_canvas(box), box.positive, index == self._selected)
@@ -612,7 +645,7 @@ class CSRExplorer(widgets.VBox):
         """The rubber band or the box being moved, on the top layer only."""
         self._last_frame = time.perf_counter()
         layer = self.canvas[INTERACTION]
-        with hold_canvas():
+        with self._batch():
             layer.clear()
             drag = self._drag
             if drag is None:
@@ -719,9 +752,13 @@ class CSRExplorer(widgets.VBox):
             self._draw_interaction()
 
     def _on_mouse_up(self, x: float, y: float) -> None:
-        drag, self._drag = self._drag, None
-        if drag is None:
+        if self._drag is None:
             return
+        with self._batch():  # rubber band gone, new heatmap and boxes: one message
+            self._finish_drag(x, y)
+
+    def _finish_drag(self, x: float, y: float) -> None:
+        drag, self._drag = self._drag, None
         drag.current = (x, y)
         self.canvas[INTERACTION].clear()
         (x0, y0), (x1, y1) = drag.start, drag.current

@@ -12,7 +12,7 @@
   can be asked for (e.g. keep the aspect ratio with a CNN backbone).
 
 All three are axis-aligned scalings of each other with the origin at the top-left edge, so
-a box maps exactly by multiplying its edges: image -> model is ``Box.scaled(Wm / W, Hm / H)``,
+a box maps exactly by scaling its edges: image -> model is (x * Wm / W, y * Hm / H),
 which is what resampling with ``align_corners=False`` (torch, PIL) assumes. The model's
 FeatureGrid then carries model pixels to feature cells; nothing here knows about cells.
 """
@@ -42,25 +42,26 @@ class ViewGeometry:
         canvas = (max(1, round(H * scale)), max(1, round(W * scale)))
         return cls((H, W), canvas, tuple(int(v) for v in model_size))
 
-    # scale factors (x, y) from one system to another
-    def _scale(self, source: tuple[int, int], target: tuple[int, int]) -> tuple[float, float]:
-        return target[1] / source[1], target[0] / source[0]
+    # Every map multiplies first and divides last (x * target / source): with integer
+    # sizes that is one rounding, so a box on the image's edge lands exactly on the edge.
+    @staticmethod
+    def _map(x: float, y: float, source: tuple[int, int], target: tuple[int, int]) -> tuple[float, float]:
+        return x * target[1] / source[1], y * target[0] / source[0]
 
     def canvas_to_image(self, x: float, y: float) -> tuple[float, float]:
-        sx, sy = self._scale(self.canvas_size, self.image_size)
-        return x * sx, y * sy
+        return self._map(x, y, self.canvas_size, self.image_size)
 
     def image_to_canvas(self, x: float, y: float) -> tuple[float, float]:
-        sx, sy = self._scale(self.image_size, self.canvas_size)
-        return x * sx, y * sy
+        return self._map(x, y, self.image_size, self.canvas_size)
 
     def box_to_model(self, box: Box) -> Box:
         """An image-pixel box on the model input (the mapping the model reasons with)."""
-        return box.scaled(*self._scale(self.image_size, self.model_size))
+        (x0, y0), (x1, y1) = (self._map(x, y, self.image_size, self.model_size) for x, y in ((box.x0, box.y0), (box.x1, box.y1)))
+        return Box(x0, y0, x1, y1, box.positive)
 
     def box_to_canvas(self, box: Box) -> tuple[float, float, float, float]:
-        sx, sy = self._scale(self.image_size, self.canvas_size)
-        return box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy
+        (x0, y0), (x1, y1) = self.image_to_canvas(box.x0, box.y0), self.image_to_canvas(box.x1, box.y1)
+        return x0, y0, x1, y1
 
     def box_from_canvas(self, x0: float, y0: float, x1: float, y1: float, positive: bool) -> Box | None:
         """The image-pixel box spanned by two canvas points (any order), snapped outwards to

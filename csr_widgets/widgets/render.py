@@ -2,9 +2,10 @@
 
 Heatmaps are carried from feature cells to pixels by the model's FeatureGrid only (DESIGN
 section 8: cell j sits on input pixel ``offset + stride * j``); a plain resize would put a
-resnet's maxima half a cell off. The explorer renders them on the model-input pixel
-lattice (a few hundred pixels a side at most, ~1-3 ms to PNG-encode) and lets the browser
-scale that small RGBA map to the canvas, which is a uniform scaling (see geometry.py).
+resnet's maxima half a cell off. The explorer renders them on the model-input pixels (or
+every q-th of them, at most MAX_LATTICE_SIDE a side: about a millisecond to PNG-encode)
+and lets the browser scale that small RGBA map to the canvas, a scaling per axis (see
+geometry.py).
 
 Every array sent to ipycanvas is RGBA uint8: ipycanvas encodes RGB arrays as JPEG (lossy),
 RGBA as PNG (lossless).
@@ -27,7 +28,10 @@ COLORMAPS = ("viridis", "cividis", "magma", "inferno", "plasma")
 POSITIVE_COLOR = "#0072B2"
 NEGATIVE_COLOR = "#D55E00"
 SELECTED_COLOR = "#F0E442"
-MAX_LATTICE_SIDE = 128  # heatmap pixels a side: enough for a smooth map once the browser scales it
+# Heatmap pixels a side. Maps are linear between 16-28 cells a side, so 2-4 lattice pixels
+# per cell, scaled (bilinearly) by the browser, look the same as more; PNG encoding time
+# grows with the pixel count and is most of the kernel's cost of an update.
+MAX_LATTICE_SIDE = 96
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,9 +115,21 @@ def lattice(grid: FeatureGrid, size: tuple[int, int], max_side: int = MAX_LATTIC
 
 def upsample(cell_map: np.ndarray, grid: FeatureGrid, size: tuple[int, int], smooth: bool = True) -> np.ndarray:
     """(h, w) cell values -> (H, W) pixel values through the grid: bilinear between cell
-    centres (smooth) or each pixel taking its nearest cell (the cells as blocks)."""
-    maps = torch.as_tensor(np.asarray(cell_map, dtype=np.float32))
-    return grid.upsample(maps, tuple(size), mode="bilinear" if smooth else "nearest").numpy()
+    centres (smooth) or each pixel taking its nearest cell (the cells as blocks).
+
+    This is ``grid.upsample`` with the grid's interpolation matrices cached: the sizes
+    repeat on every event of a session.
+    """
+    cell_map = np.asarray(cell_map, dtype=np.float32)
+    rows, cols = _interpolation(grid, tuple(size), cell_map.shape[-2:], "bilinear" if smooth else "nearest")
+    return rows @ cell_map @ cols
+
+
+@functools.lru_cache(maxsize=32)
+def _interpolation(grid: FeatureGrid, size: tuple[int, int], cells: tuple[int, int], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = grid.interpolation_matrix(size[0], cells[0], mode).numpy()
+    cols = grid.interpolation_matrix(size[1], cells[1], mode).numpy().T
+    return rows, np.ascontiguousarray(cols)
 
 
 def heatmap_rgba(
