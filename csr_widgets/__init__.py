@@ -5,7 +5,6 @@ from .config import CSRConfig
 from .data import SyntheticCXR
 from .model import Box, CSRModel, Interaction
 from .pretrained import load_pretrained
-from .widgets import AtlasExplorer, CSRExplorer
 
 __all__ = [
     "CSRConfig",
@@ -18,3 +17,13 @@ __all__ = [
     "AtlasExplorer",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The widgets pull in ipywidgets and ipycanvas: imported on first use, so that training
+    # scripts and the command line start fast.
+    if name in ("CSRExplorer", "AtlasExplorer"):
+        from . import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'csr_widgets' has no attribute {name!r}")

@@ -90,8 +90,8 @@ def _train(args) -> int:
     train_set, val_set = SyntheticCXR(**{**train_kwargs, **size}), SyntheticCXR(**{**recipe.val, **size})
     model = CSRModel(config)
     history = train(model, train_set, val_set, plan, out_dir=args.out)
-    last = history.groupby("stage").tail(1)
-    print(last.to_string(index=False))
+    if not history.empty:
+        print(history.groupby("stage").tail(1).to_string(index=False))
     if args.atlas or args.install:
         from .evaluation.atlas import build_atlas
 

@@ -355,7 +355,7 @@ def train(model: CSRModel, train_set: Dataset, val_set: Dataset | None = None, p
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
+    history: list[dict] = []  # rows of the stages trained by this call
     caches: tuple[FeatureCache, FeatureCache | None] | None = None
     for stage in (1, 2, 3):
         done = out / f"stage{stage}.safetensors" if out is not None else None
@@ -374,10 +374,23 @@ def train(model: CSRModel, train_set: Dataset, val_set: Dataset | None = None, p
             history += step(model, *caches, plan, progress)
         if done is not None:
             model.save(done)
+    frame = pd.DataFrame(history)
     if out is not None:
         model.save(out / "model.safetensors")
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    return pd.DataFrame(history)
+        frame = _merge_history(out / "history.csv", frame)
+    return frame
+
+
+def _merge_history(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """The run's whole history: earlier rows of stages not retrained now, then the new rows.
+    A resumed run therefore never loses what the first one recorded."""
+    if path.is_file() and path.stat().st_size > 1:
+        old = pd.read_csv(path)
+        if not new.empty and "stage" in old:
+            old = old[~old["stage"].isin(new["stage"].unique())]
+        new = pd.concat([old, new], ignore_index=True)
+    new.to_csv(path, index=False)
+    return new
 
 
 # ------------------------------------------------------------------ helpers

@@ -7,6 +7,9 @@ import pytest
 
 from .harness import ARTIFACTS, missing_browser
 
+# the fixture notebook is opened by the browser tests, not run by nbval
+collect_ignore = ["explorer.ipynb"]
+
 
 def pytest_collection_modifyitems(config, items):
     reason = missing_browser()
