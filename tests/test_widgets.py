@@ -26,16 +26,6 @@ CONCEPTS = ["nodule", "effusion", "cavity"]
 CLASSES = ["healthy", "sick", "tb"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second intra-op thread only
-    spins (the suite ran 4x slower with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed: int = 0, image_size: int = 128) -> CSRModel:
     torch.manual_seed(seed)
     config = CSRConfig(

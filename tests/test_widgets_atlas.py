@@ -18,16 +18,6 @@ from csr_widgets.widgets.atlas_explorer import atlas_entry
 K, M = 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second intra-op thread only
-    spins (the suite ran 4x slower with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_model() -> CSRModel:
     torch.manual_seed(0)

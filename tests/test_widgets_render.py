@@ -19,16 +19,6 @@ RESNET = FeatureGrid(channels=128, stride=8, offset=0.0)  # "same"-padded CNN, s
 PATCHES = FeatureGrid(channels=64, stride=16, offset=7.5)  # patchify stem / ViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second intra-op thread only
-    spins (the suite ran 4x slower with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_colormap_lookup_matches_matplotlib():
     lut = render.colormap_lut("viridis")
     assert lut.shape == (256, 4) and lut.dtype == np.uint8
