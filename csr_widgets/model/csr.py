@@ -221,7 +221,7 @@ class CSRModel(nn.Module):
             scores = scores.index_put((images, concepts), replacement)
         contributions, logits = self.classify(scores)
         probs = logits.softmax(-1)
-        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        margin = -probs.topk(2, dim=-1).values.diff(dim=-1).squeeze(-1)  # p(top-1) - p(top-2)
         return Reasoning(
             similarity_maps=maps,
             importance_map=importance if importance is not None else maps.new_ones(B, h, w),
@@ -230,7 +230,7 @@ class CSRModel(nn.Module):
             logits=logits,
             probs=probs,
             contributions=contributions,
-            needs_review=(top[:, 0] - top[:, -1]) < self.config.review_margin,
+            needs_review=margin < self.config.review_margin,
         )
 
     def classify(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,14 +112,15 @@ def _runs(edges: list[float], pixels: int, grid: FeatureGrid, cells: int) -> tup
 
 def _importance(boxes: list[Box], rows: np.ndarray, cols: np.ndarray, alpha: float) -> np.ndarray:
     """A on the pixels rows x cols (pixel indices), as in Eqs. 12-13."""
-    base = alpha if any(b.positive for b in boxes) else 1.0
-    positive = np.zeros((len(rows), len(cols)), np.float32)
-    negative = np.zeros_like(positive)
+    positive = negative = None  # max coverage by positive / negative boxes, where any
     for box in boxes:
         covered = np.outer(_coverage(box.y0, box.y1, rows), _coverage(box.x0, box.x1, cols))
-        target = positive if box.positive else negative
-        np.maximum(target, covered, out=target)
-    return (base + (1 - base) * positive) * (1 - negative)
+        if box.positive:
+            positive = covered if positive is None else np.maximum(positive, covered)
+        else:
+            negative = covered if negative is None else np.maximum(negative, covered)
+    importance = np.ones((len(rows), len(cols)), np.float32) if positive is None else alpha + (1 - alpha) * positive
+    return importance if negative is None else importance * (1 - negative)
 
 
 def _coverage(lo: float, hi: float, pixels: np.ndarray) -> np.ndarray:
