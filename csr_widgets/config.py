@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REJECTION_STRATEGIES = ("baseline", "zero")
+CONCEPT_POOLINGS = ("mean", "lse")
 
 
 @dataclass
@@ -63,6 +64,16 @@ class CSRConfig:
     # Stage 3: probability of replacing a concept's scores by its absent baseline, so that
     # rejecting a concept at test time stays in distribution (ours).
     concept_dropout: float = 0.1
+    # How the concept head's maps become concept logits: "mean" (global average pooling,
+    # the paper's) or "lse" (log-mean-exp, a smooth maximum; ours). GAP lets a concept be
+    # read from weak evidence spread over the whole image (or from its absence, e.g. "no
+    # dark air at the lung base" for effusion), so its CAM need not peak on the finding;
+    # a smooth maximum has to put the evidence somewhere, and Eq. 2's concept vectors and
+    # the Pointing Game both follow the peak.
+    concept_pooling: str = "mean"
+    # r of the "lse" pooling, (1/r) log mean_hw exp(r CAM): large r approaches the max,
+    # r -> 0 the mean.
+    pooling_sharpness: float = 4.0
     # Stage 2: weight of the optional pixel-level term (max similarity high for present
     # concepts, low for absent ones; ours, off by default).
     pixel_loss_weight: float = 0.0
@@ -123,6 +134,12 @@ class CSRConfig:
         for name in ("review_margin", "concept_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"CSRConfig.{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.concept_pooling not in CONCEPT_POOLINGS:
+            raise ValueError(
+                f"CSRConfig.concept_pooling must be one of {CONCEPT_POOLINGS}, got {self.concept_pooling!r}."
+            )
+        if self.pooling_sharpness <= 0:
+            raise ValueError(f"CSRConfig.pooling_sharpness must be positive, got {self.pooling_sharpness}.")
         if self.pixel_loss_weight < 0:
             raise ValueError(f"CSRConfig.pixel_loss_weight must be >= 0, got {self.pixel_loss_weight}.")
         if not isinstance(self.backbone, str) or not self.backbone:

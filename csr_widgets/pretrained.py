@@ -32,6 +32,10 @@ RECIPES: dict[str, Recipe] = {
             in_channels=1,
             prototypes_per_concept=10,
             embedding_dim=64,
+            # a smooth maximum instead of GAP for the concept logits (ours, see CSRConfig):
+            # with GAP the same recipe pointed at 45.6 % (effusion 2 %), with it at 87.6 %
+            concept_pooling="lse",
+            pooling_sharpness=4.0,
         ),
         train=dict(n=3000, split="train", **_SYNTHETIC),
         val=dict(n=300, split="val", **_SYNTHETIC),

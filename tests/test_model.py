@@ -273,6 +273,18 @@ def test_box_partly_outside_is_clipped(model, images):
     torch.testing.assert_close(inside.logits, overhanging.logits)
 
 
+def test_concept_pooling_mean_and_log_mean_exp_by_hand():
+    concept_maps = torch.tensor([[[[0.0, 1.0], [2.0, -1.0]]]])  # (1, 1, 2, 2)
+    mean = CSRModel(small_config(concepts=["x"])).pool_concepts(concept_maps)
+    assert mean.item() == pytest.approx(0.5)
+    lse = CSRModel(small_config(concepts=["x"], concept_pooling="lse", pooling_sharpness=2.0)).pool_concepts(concept_maps)
+    by_hand = np.log((np.exp(0.0) + np.exp(2.0) + np.exp(4.0) + np.exp(-2.0)) / 4) / 2
+    assert lse.item() == pytest.approx(by_hand, rel=1e-6)
+    # a smooth maximum: between the mean and the max, near the max when sharp
+    sharp = CSRModel(small_config(concepts=["x"], concept_pooling="lse", pooling_sharpness=50.0)).pool_concepts(concept_maps)
+    assert 0.5 < lse.item() < 2.0 and sharp.item() == pytest.approx(2.0 - np.log(4) / 50, abs=1e-4)
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="concepts is empty"):
         CSRConfig(concepts=[], classes=["a", "b"])
@@ -282,6 +294,10 @@ def test_config_validation_names_the_field():
         CSRConfig(concepts=["x"], classes=["a", "b"], prototypes_per_concept=0)
     with pytest.raises(ValueError, match="rejection"):
         CSRConfig(concepts=["x"], classes=["a", "b"], rejection="drop")
+    with pytest.raises(ValueError, match="concept_pooling"):
+        CSRConfig(concepts=["x"], classes=["a", "b"], concept_pooling="max")
+    with pytest.raises(ValueError, match="pooling_sharpness"):
+        CSRConfig(concepts=["x"], classes=["a", "b"], concept_pooling="lse", pooling_sharpness=0)
     with pytest.raises(ValueError, match="feature_stage"):
         CSRModel(small_config(feature_stage=9))
     config = small_config()

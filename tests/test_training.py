@@ -182,6 +182,14 @@ def test_refit_uses_the_prototype_mask():
     assert torch.count_nonzero(out.contributions[..., 0]) == 0  # pruned: no share of any logit
 
 
+def test_refit_reports_progress_through_caching_and_epochs():
+    model = toy_model()
+    seen = []
+    refit_task_head(model, Squares(40), Squares(20), epochs=4, progress=False, on_progress=seen.append)
+    # 1 batch of caching per dataset (a quarter each), then 4 epochs over the other half
+    assert seen == pytest.approx([0.25, 0.5, 0.625, 0.75, 0.875, 1.0])
+
+
 def test_atlas_links_each_prototype_to_its_best_match_and_round_trips(tmp_path):
     model = toy_model().eval()
     data = Squares(30)

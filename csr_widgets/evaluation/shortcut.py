@@ -263,7 +263,7 @@ class ShortcutExperiment:
 
 
 def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=None, *, train_kwargs: dict | None = None,
-                            refit_kwargs: dict | None = None, threshold: float = 0.5, tolerance: float = 0,
+                            refit_kwargs: dict | None = None, threshold: float = 0.5, tolerance: float | None = None,
                             atlas=None, batch_size: int = 32, progress: bool = False) -> ShortcutExperiment:
     """Train on a shortcut-correlated set, detect and prune shortcut prototypes, compare.
 
@@ -273,6 +273,10 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
     ``csr_widgets.training.train(model, train_set, val_set, **train_kwargs)`` (e.g.
     ``plan=TrainingPlan(...)``), or a trained ``model`` (not modified). The pruned copy's
     task head is refit with ``refit_task_head(pruned, train_set, **refit_kwargs)``.
+    tolerance: pixels around the shortcut box that still count as "on" it for detection;
+    default one feature cell (``model.grid.stride``): a marker a few pixels tall is smaller
+    than a cell, and a map peaking on the marker's cell often peaks just outside its tight
+    box (at tolerance 0 a tiny run found none of its marker prototypes).
     """
     from ..training import refit_task_head  # lazily: training imports the model, not this module
 
@@ -285,6 +289,8 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         model = CSRModel(config)
         trained = train(model, train_set, val_set, **{"progress": progress, **(train_kwargs or {})})
         model = trained if isinstance(trained, CSRModel) else model
+    if tolerance is None:
+        tolerance = float(model.grid.stride)
     rates = shortcut_prototype_rates(model, val_set, tolerance, batch_size, progress)
     found = find_shortcut_prototypes(model, val_set, threshold, tolerance, atlas, train_set, rates=rates)
 

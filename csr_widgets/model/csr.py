@@ -7,6 +7,8 @@ every mouse event.
 """
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -167,6 +169,15 @@ class CSRModel(nn.Module):
         images = self._check_images(images)
         return self.backbone((images - self.pixel_mean) / self.pixel_std)
 
+    def pool_concepts(self, concept_maps: torch.Tensor) -> torch.Tensor:
+        """CAM (B, K, h, w) -> concept logits (B, K): global average, or log-mean-exp
+        (``config.concept_pooling``, see the config for why)."""
+        if self.config.concept_pooling == "mean":
+            return concept_maps.mean(dim=(-2, -1))
+        r = self.config.pooling_sharpness
+        cells = concept_maps.shape[-1] * concept_maps.shape[-2]
+        return (torch.logsumexp(r * concept_maps.flatten(-2), dim=-1) - math.log(cells)) / r
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """f (B, C, h, w) -> z (B, h, w, D), L2-normalised along D."""
         return self.projector(features.permute(0, 2, 3, 1))
@@ -191,7 +202,7 @@ class CSRModel(nn.Module):
         return Encoding(
             similarity_maps=self.similarity(self.project(features)),
             concept_maps=concept_maps,
-            concept_logits=concept_maps.mean(dim=(-2, -1)),
+            concept_logits=self.pool_concepts(concept_maps),
             image_size=tuple(image_size),
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +80,20 @@ def check_dataset(model: CSRModel, dataset: Dataset, what: str) -> None:
 
 # ------------------------------------------------------------------ caches
 @torch.no_grad()
-def cache_features(model: CSRModel, dataset: Dataset, batch_size: int = 64, progress: bool = True) -> FeatureCache:
-    """Run the frozen backbone once over a dataset."""
+def cache_features(model: CSRModel, dataset: Dataset, batch_size: int = 64, progress: bool = True,
+                   on_progress: Callable[[float], None] | None = None) -> FeatureCache:
+    """Run the frozen backbone once over a dataset. ``on_progress(fraction)`` after each batch."""
     was_training = model.training
     model.eval()
     features, concepts, labels = [], [], []
-    for batch in tqdm(loader(dataset, batch_size), desc="caching features", disable=not progress, leave=False):
+    batches = loader(dataset, batch_size)
+    for step, batch in enumerate(tqdm(batches, desc="caching features", disable=not progress, leave=False)):
         features.append(model.features(batch["image"]).cpu())
         concepts.append(batch["concepts"])
         labels.append(batch["label"])
         image_size = tuple(batch["image"].shape[-2:])
+        if on_progress is not None:
+            on_progress((step + 1) / len(batches))
     model.train(was_training)
     return FeatureCache(torch.cat(features), torch.cat(concepts), torch.cat(labels), image_size)
 
@@ -138,7 +143,7 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
         losses = []
         for batch in loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch):
             features = model.features(batch["image"])
-            logits = model.concept_head(features).mean(dim=(-2, -1))
+            logits = model.pool_concepts(model.concept_head(features))
             loss = concept_loss(logits, batch["concepts"].to(model.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +170,7 @@ def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> floa
     logits, truth = [], []
     for batch in loader(dataset, batch_size):
         features = model.features(batch["image"])
-        logits.append(model.concept_head(features).mean(dim=(-2, -1)).cpu())
+        logits.append(model.pool_concepts(model.concept_head(features)).cpu())
         truth.append(batch["concepts"])
     logits, truth = torch.cat(logits).numpy(), torch.cat(truth).numpy()
     aucs = [roc_auc_score(truth[:, k], logits[:, k]) for k in range(truth.shape[1]) if 0 < truth[:, k].sum() < len(truth)]
@@ -280,8 +285,10 @@ def calibrate_task_head(model: CSRModel, scores: torch.Tensor, concepts: torch.T
     model.absent_baseline.copy_(torch.where(counts[:, None] > 0, baseline, low))
 
 
-def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True) -> list[dict]:
-    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours)."""
+def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True,
+                    on_progress: Callable[[float], None] | None = None) -> list[dict]:
+    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours).
+    ``on_progress(fraction)`` after each epoch (e.g. a widget's progress bar)."""
     generator = torch.Generator().manual_seed(plan.seed + 3)
     scores = cached_scores(model, train)
     calibrate_task_head(model, scores, train.concepts)
@@ -313,6 +320,8 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
             best = (score, _trainable_state(model, 3))
         history.append({"stage": 3, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_macro_f1": score})
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_f1=f"{score:.4f}")
+        if on_progress is not None:
+            on_progress((epoch + 1) / plan.task_epochs)
     if best[1] is not None:
         model.load_state_dict(best[1], strict=False)
     model.eval()
@@ -325,15 +334,30 @@ def _macro_f1(model: CSRModel, scores: torch.Tensor, labels: torch.Tensor) -> fl
     return float(f1_score(labels.numpy(), logits.argmax(-1).cpu().numpy(), average="macro", labels=range(len(model.classes)), zero_division=0))
 
 
-def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 60, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 60, seed: int = 0, progress: bool = True,
+                    on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
     """Refit H after pruning prototypes (``model.prototype_mask``) or on new data.
 
     Stage 3 again: standardisation and baselines re-measured, H trained from scratch on the
     current masks. Takes datasets or feature caches (faster when called repeatedly).
+    ``on_progress(fraction)``: called as the work advances, fraction in [0, 1] (caching
+    the features, when datasets are given, counts as the first half).
     """
-    train_cache = dataset if isinstance(dataset, FeatureCache) else cache_features(model, dataset, progress=progress)
-    val_cache = val_set if val_set is None or isinstance(val_set, FeatureCache) else cache_features(model, val_set, progress=progress)
-    history = train_task_head(model, train_cache, val_cache, TrainingPlan(task_epochs=epochs, seed=seed), progress)
+    to_cache = [d for d in (dataset, val_set) if d is not None and not isinstance(d, FeatureCache)]
+    share = 0.5 / len(to_cache) if to_cache else 0.0
+    done = 0.0
+
+    def report(start: float, width: float):
+        return None if on_progress is None else (lambda fraction: on_progress(start + width * fraction))
+
+    caches = []
+    for d in (dataset, val_set):
+        if d is not None and not isinstance(d, FeatureCache):
+            d = cache_features(model, d, progress=progress, on_progress=report(done, share))
+            done += share
+        caches.append(d)
+    history = train_task_head(model, caches[0], caches[1], TrainingPlan(task_epochs=epochs, seed=seed), progress,
+                              on_progress=report(done, 1.0 - done))
     return pd.DataFrame(history)
 
 

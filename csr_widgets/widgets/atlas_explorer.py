@@ -514,15 +514,13 @@ class AtlasExplorer(widgets.VBox):
         self.set_trait("revision", self.revision + 1)
 
 
-def _default_refit(model, dataset) -> None:
+def _default_refit(model, dataset, progress=None) -> None:
     """Stage 3 again on the current masks (imported late: training is a heavier module).
-
-    Its ``progress`` is a tqdm switch, not a callback: off, so nothing prints into the
-    notebook; the bar then goes from 0 to 1 when the refit ends.
-    """
+    ``progress(fraction)`` follows feature caching and the epochs; tqdm stays off, so
+    nothing prints into the notebook."""
     from ..training import refit_task_head
 
-    refit_task_head(model, dataset, progress=False)
+    refit_task_head(model, dataset, progress=False, on_progress=progress)
 
 
 def _pooled(encoding: Encoding) -> Encoding:
