@@ -286,7 +286,10 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         from ..model import CSRModel
         from ..training import train
 
-        model = CSRModel(config)
+        plan = (train_kwargs or {}).get("plan")
+        with torch.random.fork_rng():  # the initial weights follow the plan's seed, not the global RNG
+            torch.manual_seed(plan.seed if plan is not None else 0)
+            model = CSRModel(config)
         trained = train(model, train_set, val_set, **{"progress": progress, **(train_kwargs or {})})
         model = trained if isinstance(trained, CSRModel) else model
     if tolerance is None:

@@ -8,7 +8,6 @@ every mouse event.
 from __future__ import annotations
 
 import math
-
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -34,7 +33,7 @@ class Encoding:
 
     similarity_maps: (B, K, M, h, w) S, cosine similarity of every prototype to every patch
     concept_maps:    (B, K, h, w)    CAM, the concept head's activation maps
-    concept_logits:  (B, K)          global average of CAM
+    concept_logits:  (B, K)          CAM pooled over (h, w): `CSRModel.pool_concepts`
     image_size:      (H, W)          size of the images given to ``encode``, in pixels
     """
 
