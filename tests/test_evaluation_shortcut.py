@@ -209,7 +209,7 @@ def test_off_target_prototypes_from_the_atlas():
 
 @pytest.mark.slow
 def test_shortcut_experiment_on_a_tiny_run_shows_the_damage_and_the_recovery():
-    """Real training (~5 min on one CPU core): a corner marker correlated (phi = 0.9) with
+    """Real training (~6 min on one CPU core): a corner marker correlated (phi = 0.9) with
     "tb", which here means "cavity" (no nodules or consolidations are drawn), and faint
     cavities, so the marker is the easier cue. On the decorrelated split the model loses
     F1; the detector finds the cavity prototypes that look at the marker; pruning them and
