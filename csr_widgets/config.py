@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REJECTION_STRATEGIES = ("baseline", "zero")
+BOX_FOOTPRINTS = ("touch", "area")
 CONCEPT_POOLINGS = ("mean", "lse")
 
 
@@ -50,6 +51,16 @@ class CSRConfig:
     cell_offset: float | None = None
     # alpha (Eq. 13): importance outside the positive boxes when at least one exists.
     alpha: float = 0.2
+    # How a box reaches the feature cells: "touch" (ours: it acts fully on every cell that
+    # owns a pixel it overlaps) or "area" (the paper's A averaged over each cell's pixels,
+    # which left a 1-cell nodule box at A ~ 0.6 on its own peak and let negative boxes
+    # leak; docs/decisions.md#boxes-act-on-cells).
+    box_footprint: str = "touch"
+    # A box lowers a prototype's score only down to its absent baseline b, never below:
+    # s' = max(s_A, min(s, b)) (ours). False is the paper's Eqs. 12-13 alone, where alpha
+    # pushed unboxed concepts far below "absent" and true boxes cost 30 F1 points
+    # (docs/decisions.md#floor-at-absent).
+    box_floor: bool = True
     # lambda (Eq. 9): scale of the similarities inside the prototype loss.
     lambda_: float = 20.0
     # gamma (Eq. 7): sharpness of the soft assignment of a vector to its M prototypes.
@@ -127,6 +138,10 @@ class CSRConfig:
         for name in ("lambda_", "gamma"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CSRConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.box_footprint not in BOX_FOOTPRINTS:
+            raise ValueError(f"CSRConfig.box_footprint must be one of {BOX_FOOTPRINTS}, got {self.box_footprint!r}.")
+        if not isinstance(self.box_floor, bool):
+            raise ValueError(f"CSRConfig.box_floor must be True or False, got {self.box_floor!r}.")
         if self.rejection not in REJECTION_STRATEGIES:
             raise ValueError(
                 f"CSRConfig.rejection must be one of {REJECTION_STRATEGIES}, got {self.rejection!r}."

@@ -112,7 +112,8 @@ def test_grid_probe_measures_known_offsets():
     assert (vit.grid.stride, vit.grid.offset) == (16, 7.5)  # patch j spans pixels 16j..16j+15
 
 
-def test_negative_box_over_whole_image_zeroes_every_score(model, images):
+def test_negative_box_over_whole_image_zeroes_every_score_without_the_floor(images):
+    model = CSRModel(small_config(box_floor=False)).eval()
     out = model(images, Interaction(boxes=[Box(0, 0, 64, 64, positive=False)]))
     assert torch.count_nonzero(out.scores) == 0
     assert torch.count_nonzero(out.importance_map) == 0
@@ -131,7 +132,9 @@ def test_negative_box_removes_evidence_under_it_only(model, images):
     expected = enc.similarity_maps.clone()
     expected[..., :, 0:4] = 0  # pixels 0..27 are nearest to cells 0..3 -> A = 0 there, exactly
     torch.testing.assert_close(out.similarity_maps, expected)
-    torch.testing.assert_close(out.scores, expected.clamp(min=0).amax((-2, -1)))
+    boxed = expected.clamp(min=0).amax((-2, -1))
+    floor = torch.minimum(enc.scores, model.absent_baseline)  # never below "absent"
+    torch.testing.assert_close(out.scores, torch.maximum(boxed, floor))
 
 
 @pytest.mark.parametrize("strategy", ["baseline", "zero"])

@@ -508,7 +508,7 @@ def test_client_ready_resets_the_canvas_manager_and_redraws(model, image, messag
 
 def test_json_round_trip_restores_the_session(model, image):
     ex = CSRExplorer(model, image, concept="effusion", smooth=False, opacity=0.3)
-    ex.boxes = [Box(10, 10, 60, 50, positive=False), Box(100, 40, 200, 150)]
+    ex.boxes = [Box(10, 10, 60, 50, positive=False), Box(100, 40, 200, 150), Box(20, 20, 40, 40, concept="nodule")]
     ex.rejected = {"cavity"}
     ex.alpha = 0.35
     text = ex.to_json()
@@ -525,6 +525,27 @@ def test_json_round_trip_restores_the_session(model, image):
         CSRExplorer.from_json(other, text, image)
     with pytest.raises(ValueError, match="format"):
         CSRExplorer.from_json(model, {"boxes": []}, image)
+
+
+def test_a_session_saved_before_concept_boxes_still_loads(model, image):
+    old = {  # written by csr_widgets 0.1.0, before boxes could name a concept
+        "format": "csr_widgets.explorer/1", "image_size": [160, 240], "concepts": model.concepts,
+        "classes": model.classes, "boxes": [{"x0": 10, "y0": 10, "x1": 60, "y1": 50, "positive": False}],
+        "rejected": ["cavity"], "alpha": None, "view": {"concept": "nodule"},
+    }
+    ex = CSRExplorer.from_json(model, json.dumps(old), image)
+    assert ex.boxes == [Box(10, 10, 60, 50, positive=False, concept=None)] and ex.rejected == {"cavity"}
+    assert json.loads(ex.to_json())["boxes"][0]["concept"] is None
+    with pytest.raises(ValueError, match="unknown concepts \\['tumour'\\]"):
+        CSRExplorer.from_json(model, {**old, "boxes": [[1, 1, 9, 9, True, "tumour"]]}, image)
+
+
+def test_a_concept_box_reaches_the_model_with_its_concept(model, image):
+    ex = CSRExplorer(model, image)
+    ex.boxes = [Box(30, 30, 90, 90, positive=False, concept="effusion")]
+    expected = direct(ex, [ex.geometry.box_to_model(b) for b in ex.boxes])
+    assert ex.geometry.box_to_model(ex.boxes[0]).concept == "effusion"
+    assert_same_result(ex.result, expected)
 
 
 def test_static_png_fallback(model, image):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..config import CSRConfig
 from .backbone import Backbone
 from .grid import FeatureGrid
 from .heads import ConceptHead, Projector, TaskHead
-from .interaction import Interaction, cell_importance
+from .interaction import Interaction, concept_importance
 
 SimilarityHook = Callable[["CSRModel", torch.Tensor], "torch.Tensor | None"]
 
@@ -35,27 +35,43 @@ class Encoding:
     concept_maps:    (B, K, h, w)    CAM, the concept head's activation maps
     concept_logits:  (B, K)          CAM pooled over (h, w): `CSRModel.pool_concepts`
     image_size:      (H, W)          size of the images given to ``encode``, in pixels
+    scores:          (B, K, M)       s = max_hw max(S, 0) without any box: the answer when
+                                     nothing is drawn, and the floor's reference; derived
+                                     from similarity_maps on first use and kept (treat an
+                                     Encoding as a value: edit its maps before that use)
     """
 
     similarity_maps: torch.Tensor
     concept_maps: torch.Tensor
     concept_logits: torch.Tensor
     image_size: tuple[int, int]
+    _scores: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        if self._scores is None:
+            self._scores = self.similarity_maps.amax(dim=(-2, -1)).clamp(min=0)
+        return self._scores
 
     def __len__(self) -> int:
         return self.similarity_maps.shape[0]
 
+    def _map(self, function) -> "Encoding":
+        scores = None if self._scores is None else function(self._scores)
+        return Encoding(*(function(t) for t in (self.similarity_maps, self.concept_maps, self.concept_logits)),
+                        self.image_size, scores)
+
     def __getitem__(self, index) -> "Encoding":
         """The encoding of a sub-batch (an int keeps the batch axis)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
-        return Encoding(self.similarity_maps[index], self.concept_maps[index], self.concept_logits[index], self.image_size)
+        return self._map(lambda t: t[index])
 
     def to(self, device) -> "Encoding":
-        return Encoding(self.similarity_maps.to(device), self.concept_maps.to(device), self.concept_logits.to(device), self.image_size)
+        return self._map(lambda t: t.to(device))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.similarity_maps, self.concept_maps, self.concept_logits))
+        return sum(t.element_size() * t.numel() for t in (self.similarity_maps, self.concept_maps, self.concept_logits, self.scores))
 
 
 @dataclass
@@ -63,8 +79,13 @@ class Reasoning:
     """What ``reason`` returns (N classes, K concepts, M prototypes per concept).
 
     similarity_maps: (B, K, M, h, w) S after the importance map and the similarity hooks
-    importance_map:  (B, h, w)       A on the feature grid (all ones without boxes)
-    scores:          (B, K, M)       s = max_hw max(A * S, 0), rejected concepts replaced
+    importance_map:  (B, h, w)       A of the boxes that act on every concept, on the
+                                     feature grid (all ones without such boxes)
+    concept_importance: (B, K, h, w) A_k, what each concept's maps were multiplied by: A,
+                                     except for concepts that a concept box names
+    scores:          (B, K, M)       s = max_hw max(A_k * S, 0), floored at the absent
+                                     baseline where boxes lowered it (config.box_floor),
+                                     rejected concepts replaced
     concept_logits:  (B, K)          from the concept head (not changed by the user)
     logits:          (B, N)          = contributions.sum(-1) + task head bias
     probs:           (B, N)          softmax of logits
@@ -74,6 +95,7 @@ class Reasoning:
 
     similarity_maps: torch.Tensor
     importance_map: torch.Tensor
+    concept_importance: torch.Tensor
     scores: torch.Tensor
     concept_logits: torch.Tensor
     logits: torch.Tensor
@@ -214,15 +236,22 @@ class CSRModel(nn.Module):
         B, K, M, h, w = maps.shape
         importance = self.importance(interactions, encoding.image_size, (h, w))
         if importance is not None:
-            importance = importance.to(maps)
-            maps = maps * importance[:, None, None]
+            shared, per_concept = (a.to(maps) for a in importance)
+            maps = maps * per_concept[:, :, None]
+        else:
+            shared = per_concept = None
         for hook in self._similarity_hooks.values():
             replaced = hook(self, maps)
             if replaced is not None:
                 if replaced.shape != maps.shape:
                     raise ValueError(f"A similarity hook returned shape {tuple(replaced.shape)}, expected {tuple(maps.shape)}.")
                 maps = replaced
-        scores = maps.amax(dim=(-2, -1)).clamp(min=0)  # = max_hw max(A * S, 0)
+        if importance is None and not self._similarity_hooks:
+            scores = encoding.scores  # nothing changed the maps: their maxima are known
+        else:
+            scores = maps.amax(dim=(-2, -1)).clamp(min=0)  # = max_hw max(A * S, 0)
+        if importance is not None and self.config.box_floor:
+            scores = self._floor(scores, encoding.scores, interactions)
         rejected = self._rejected_pairs(interactions, B)
         if rejected is not None:
             images, concepts = rejected
@@ -232,9 +261,13 @@ class CSRModel(nn.Module):
         contributions, logits = self.classify(scores)
         probs = logits.softmax(-1)
         margin = -probs.topk(2, dim=-1).values.diff(dim=-1).squeeze(-1)  # p(top-1) - p(top-2)
+        if shared is None:
+            shared = maps.new_ones(()).expand(B, h, w)
+            per_concept = shared[:, None].expand(B, K, h, w)
         return Reasoning(
             similarity_maps=maps,
-            importance_map=importance if importance is not None else maps.new_ones(B, h, w),
+            importance_map=shared,
+            concept_importance=per_concept,
             scores=scores,
             concept_logits=encoding.concept_logits,
             logits=logits,
@@ -242,6 +275,21 @@ class CSRModel(nn.Module):
             contributions=contributions,
             needs_review=margin < self.config.review_margin,
         )
+
+    def _floor(self, scores: torch.Tensor, unboxed: torch.Tensor, interactions: list[Interaction]) -> torch.Tensor:
+        """s' = max(s_A, min(s, b)) on the images that have boxes: a box may take a
+        prototype's score down to its absent baseline b, never below it (ours,
+        docs/decisions.md#floor-at-absent). Below "absent" the task head reads "healthier
+        than healthy": without the floor, true boxes cost 30 F1 points on the bundled model.
+
+        scores, unboxed: (B, K, M) with and without the boxes (``unboxed`` before hooks).
+        """
+        floor = torch.minimum(unboxed.to(scores), self.absent_baseline.to(scores))
+        floored = torch.maximum(scores, floor)
+        if all(i.boxes for i in interactions):
+            return floored
+        boxed = torch.tensor([bool(i.boxes) for i in interactions], device=scores.device)
+        return torch.where(boxed[:, None, None], floored, scores)
 
     def classify(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H on scores (B, K, M) -> contributions (B, N, K) and logits (B, N).
@@ -256,23 +304,33 @@ class CSRModel(nn.Module):
     def forward(self, images: torch.Tensor, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
         return self.reason(self.encode(images), interaction)
 
-    def importance(self, interactions: list[Interaction] | None, image_size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor | None:
-        """A (B, h, w): each image's boxes at image resolution, area-averaged to the grid.
+    def importance(self, interactions: list[Interaction] | None, image_size: tuple[int, int],
+                   cells: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each image's boxes on the feature grid (``config.box_footprint``):
 
-        None when no image has a box (A = 1 everywhere, nothing to multiply).
+        A (B, h, w) of the boxes that act on every concept, and A_k (B, K, h, w), the map
+        each concept's similarity maps are multiplied by. None when no image has a box.
         """
         if interactions is None or not any(i.boxes for i in interactions):
             return None
         H, W = image_size
-        maps = []
+        K = len(self.concepts)
+        shared, per_concept = [], []
         for interaction in interactions:
             boxes = [b.clipped(W, H) for b in interaction.boxes]
             if any(b is None for b in boxes):
                 outside = [b for b, c in zip(interaction.boxes, boxes) if c is None]
                 raise ValueError(f"Boxes {outside} lie entirely outside the {W}x{H} image (x0, y0, x1, y1 in pixels).")
             alpha = self.config.alpha if interaction.alpha is None else interaction.alpha
-            maps.append(cell_importance(boxes, H, W, alpha, self.grid, cells))
-        return torch.from_numpy(np.stack(maps)).to(self.device)
+            common, named = concept_importance(boxes, self.concepts, H, W, alpha, self.grid, cells, self.config.box_footprint)
+            maps = np.broadcast_to(common, (K, *cells))
+            if named:
+                maps = maps.copy()
+                for k, concept_map in named.items():
+                    maps[k] = concept_map
+            shared.append(common)
+            per_concept.append(maps)
+        return torch.from_numpy(np.stack(shared)).to(self.device), torch.from_numpy(np.stack(per_concept)).to(self.device)
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> torch.Tensor:
@@ -318,7 +376,7 @@ class CSRModel(nn.Module):
         if len(interactions) != batch:
             raise ValueError(f"{len(interactions)} interactions for a batch of {batch} images: give one per image, or a single Interaction for all.")
         for i in interactions:
-            self.concept_index(i.rejected)
+            self.concept_index(i.named_concepts)
         return interactions
 
     def _rejected_pairs(self, interactions: list[Interaction] | None, batch: int):

@@ -11,6 +11,7 @@ the package draws or scores, and every box mapped onto the grid, goes through th
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,19 @@ class FeatureGrid:
     @functools.lru_cache(maxsize=64)
     def _counts(self, pixels: int, cells: int) -> np.ndarray:
         return np.bincount(self.owners(pixels, cells), minlength=cells).clip(min=1)
+
+    def touched(self, lo: float, hi: float, pixels: int, cells: int) -> slice:
+        """Cells along one axis that own a pixel the interval [lo, hi) overlaps.
+
+        Pixel i is the unit interval [i, i + 1); an interval overlapping any part of a
+        pixel touches that pixel's owner. Owners increase with the pixel index, so the
+        touched cells are one contiguous run (empty when [lo, hi) misses the image).
+        """
+        first, last = max(math.floor(lo), 0), min(math.ceil(hi) - 1, pixels - 1)
+        if last < first:
+            return slice(0, 0)
+        owner = self.owners(pixels, cells)
+        return slice(int(owner[first]), int(owner[last]) + 1)
 
     def cell_of(self, pixel: float, cells: int) -> int:
         """Index of the cell whose centre is nearest to a pixel coordinate."""

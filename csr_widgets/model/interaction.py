@@ -1,12 +1,22 @@
-"""What a user can say to the model: boxes (Eqs. 12-13) and rejected concepts."""
+"""What a user can say to the model: boxes (Eqs. 12-13) and rejected concepts.
+
+How boxes reach the feature grid is a choice (``CSRConfig.box_footprint``, see
+docs/decisions.md#boxes-act-on-cells): by default (ours) a box acts on every feature cell
+it touches, i.e. every cell that owns a pixel the box overlaps (``FeatureGrid.touched``);
+the paper's reading averages the pixel-level A over each cell's pixels ("area"). Both act
+on the same cells (any overlap changes a cell's average), so ``footprint`` is the same in
+both modes; only the strength on partly covered cells differs.
+"""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import BOX_FOOTPRINTS
 from .grid import FeatureGrid
 
 
@@ -15,6 +25,9 @@ class Box:
     """A box in image pixels, (x0, y0) inclusive, (x1, y1) exclusive.
 
     positive: "look here" (importance 1); negative: "not here" (importance 0).
+    concept: None acts on every concept (the paper's box); a concept name acts on that
+        concept only: "the nodule is here" / "this is not a nodule" (ours,
+        docs/decisions.md#concept-boxes).
     """
 
     x0: float
@@ -22,16 +35,19 @@ class Box:
     x1: float
     y1: float
     positive: bool = True
+    concept: str | None = None
 
     def __post_init__(self) -> None:
         coords = (self.x0, self.y0, self.x1, self.y1)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in coords):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in coords):
             raise ValueError(f"Box coordinates must be finite numbers, got {coords}.")
         if self.x1 <= self.x0 or self.y1 <= self.y0:
             raise ValueError(
                 f"Box {coords} is inverted or has zero area: it needs x0 < x1 and y0 < y1 "
                 "(x0, y0, x1, y1 with x1/y1 exclusive)."
             )
+        if self.concept is not None and not (isinstance(self.concept, str) and self.concept):
+            raise ValueError(f"Box.concept must be a concept name or None (all concepts), got {self.concept!r}.")
 
     def clipped(self, width: int, height: int) -> "Box | None":
         """This box cut to a width x height image, or None if nothing of it lies inside."""
@@ -39,14 +55,15 @@ class Box:
         x1, y1 = min(self.x1, width), min(self.y1, height)
         if x1 <= x0 or y1 <= y0:
             return None
-        return Box(x0, y0, x1, y1, self.positive)
+        return Box(x0, y0, x1, y1, self.positive, self.concept)
 
     def scaled(self, sx: float, sy: float) -> "Box":
         """The same box on an image resized by (sx, sy)."""
-        return Box(self.x0 * sx, self.y0 * sy, self.x1 * sx, self.y1 * sy, self.positive)
+        return Box(self.x0 * sx, self.y0 * sy, self.x1 * sx, self.y1 * sy, self.positive, self.concept)
 
     def to_dict(self) -> dict:
-        return {"x0": self.x0, "y0": self.y0, "x1": self.x1, "y1": self.y1, "positive": self.positive}
+        return {"x0": self.x0, "y0": self.y0, "x1": self.x1, "y1": self.y1, "positive": self.positive,
+                "concept": self.concept}
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,11 @@ class Interaction:
     def is_empty(self) -> bool:
         return not self.boxes and not self.rejected
 
+    @property
+    def named_concepts(self) -> set[str]:
+        """Every concept name the interaction uses (rejected, or named by a concept box)."""
+        return set(self.rejected) | {b.concept for b in self.boxes if b.concept is not None}
+
 
 def importance_map(boxes: Iterable[Box], height: int, width: int, alpha: float) -> np.ndarray:
     """A (H, W) float32 at image resolution (Eqs. 12-13).
@@ -89,7 +111,8 @@ def importance_map(boxes: Iterable[Box], height: int, width: int, alpha: float) 
 
 
 def cell_importance(boxes: Iterable[Box], height: int, width: int, alpha: float, grid: FeatureGrid, cells: tuple[int, int]) -> np.ndarray:
-    """A (h, w): ``grid.area_average(importance_map(...), cells)``, computed exactly but cheaply.
+    """A (h, w): ``grid.area_average(importance_map(...), cells)``, computed exactly but cheaply
+    (the paper's reading of Eqs. 12-13 on a feature grid: ``box_footprint="area"``).
 
     Between consecutive box edges and cell borders every pixel of a row (or column) has the
     same coverage by every box, so A is evaluated once per such run of pixels and averaged
@@ -99,6 +122,56 @@ def cell_importance(boxes: Iterable[Box], height: int, width: int, alpha: float,
     rows, row_weights = _runs([e for b in boxes for e in (b.y0, b.y1)], height, grid, cells[0])
     cols, col_weights = _runs([e for b in boxes for e in (b.x0, b.x1)], width, grid, cells[1])
     return row_weights @ _importance(boxes, rows, cols, alpha) @ col_weights.T
+
+
+def footprint(box: Box, height: int, width: int, grid: FeatureGrid, cells: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, cols) of the feature cells a box acts on: every cell owning a pixel it overlaps.
+
+    box: in pixels of the height x width model input; cells: (h, w). Empty slices when the
+    box lies outside the image.
+    """
+    return grid.touched(box.y0, box.y1, height, cells[0]), grid.touched(box.x0, box.x1, width, cells[1])
+
+
+def touch_importance(boxes: Iterable[Box], height: int, width: int, alpha: float, grid: FeatureGrid,
+                     cells: tuple[int, int]) -> np.ndarray:
+    """A (h, w) on the feature grid, each box acting on every cell it touches (ours).
+
+    1 on cells a positive box touches, 0 on cells a negative box touches (negative wins),
+    alpha elsewhere when a positive box exists, 1 elsewhere otherwise: Eqs. 12-13 with
+    the cell, not the pixel, as the unit. Area-averaging left a ~1-cell nodule box at
+    A ~ 0.6 on the nodule's own peak cell (docs/decisions.md#boxes-act-on-cells).
+    """
+    boxes = list(boxes)
+    positive = np.zeros(cells, bool)
+    negative = np.zeros(cells, bool)
+    for box in boxes:
+        rows, cols = footprint(box, height, width, grid, cells)
+        (positive if box.positive else negative)[rows, cols] = True
+    importance = np.where(positive, 1.0, alpha).astype(np.float32) if any(b.positive for b in boxes) else np.ones(cells, np.float32)
+    importance[negative] = 0.0
+    return importance
+
+
+def concept_importance(boxes: Sequence[Box], concepts: Sequence[str], height: int, width: int, alpha: float,
+                       grid: FeatureGrid, cells: tuple[int, int], mode: str = "touch") -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """A for one image: the (h, w) map of the boxes that act on every concept, and
+    {k: (h, w) A_k} for each concept k that a concept box names.
+
+    A_k is Eqs. 12-13 over the boxes that act on k (every ``concept=None`` box and k's
+    own), so a concept box on the nodule leaves the other concepts exactly as they are,
+    and alpha applies to a concept only when a positive box acts on it.
+    """
+    if mode not in BOX_FOOTPRINTS:
+        raise ValueError(f"box footprint must be one of {BOX_FOOTPRINTS}, got {mode!r}.")
+    cell_map = touch_importance if mode == "touch" else cell_importance
+    shared = [b for b in boxes if b.concept is None]
+    named = {b.concept for b in boxes if b.concept is not None}
+    per_concept = {}
+    for name in named:
+        k = list(concepts).index(name)
+        per_concept[k] = cell_map(shared + [b for b in boxes if b.concept == name], height, width, alpha, grid, cells)
+    return cell_map(shared, height, width, alpha, grid, cells), per_concept
 
 
 def _runs(edges: list[float], pixels: int, grid: FeatureGrid, cells: int) -> tuple[np.ndarray, np.ndarray]:

@@ -354,6 +354,7 @@ class CSRExplorer(widgets.VBox):
     def _checked_boxes(self, boxes) -> tuple[Box, ...]:
         boxes = as_boxes(boxes)
         H, W = self.geometry.image_size
+        self.model.concept_index({b.concept for b in boxes if b.concept is not None})
         outside = [b for b in boxes if b.clipped(W, H) is None]
         if outside:
             raise ValueError(f"Boxes {outside} lie entirely outside the {W}x{H} image (x0, y0, x1, y1 in image pixels).")
@@ -789,7 +790,7 @@ class CSRExplorer(widgets.VBox):
         H, W = self.geometry.image_size
         dx = min(max(round(bx - ax), -box.x0), W - box.x1)
         dy = min(max(round(by - ay), -box.y0), H - box.y1)
-        return Box(box.x0 + dx, box.y0 + dy, box.x1 + dx, box.y1 + dy, box.positive)
+        return replace(box, x0=box.x0 + dx, y0=box.y0 + dy, x1=box.x1 + dx, y1=box.y1 + dy)
 
     def _on_key_down(self, key: str, shift: bool, ctrl: bool, meta: bool) -> None:
         command = ctrl or meta

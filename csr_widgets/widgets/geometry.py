@@ -19,7 +19,7 @@ FeatureGrid then carries model pixels to feature cells; nothing here knows about
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..model import Box
 
@@ -57,13 +57,13 @@ class ViewGeometry:
     def box_to_model(self, box: Box) -> Box:
         """An image-pixel box on the model input (the mapping the model reasons with)."""
         (x0, y0), (x1, y1) = (self._map(x, y, self.image_size, self.model_size) for x, y in ((box.x0, box.y0), (box.x1, box.y1)))
-        return Box(x0, y0, x1, y1, box.positive)
+        return replace(box, x0=x0, y0=y0, x1=x1, y1=y1)
 
     def box_to_canvas(self, box: Box) -> tuple[float, float, float, float]:
         (x0, y0), (x1, y1) = self.image_to_canvas(box.x0, box.y0), self.image_to_canvas(box.x1, box.y1)
         return x0, y0, x1, y1
 
-    def box_from_canvas(self, x0: float, y0: float, x1: float, y1: float, positive: bool) -> Box | None:
+    def box_from_canvas(self, x0: float, y0: float, x1: float, y1: float, positive: bool, concept: str | None = None) -> Box | None:
         """The image-pixel box spanned by two canvas points (any order), snapped outwards to
         whole image pixels and clipped to the image; None when nothing of it is inside."""
         (ax, ay), (bx, by) = self.canvas_to_image(x0, y0), self.canvas_to_image(x1, y1)
@@ -72,7 +72,7 @@ class ViewGeometry:
         top, bottom = max(0, _floor(min(ay, by))), min(H, _ceil(max(ay, by)))
         if right <= left or bottom <= top:
             return None
-        return Box(left, top, right, bottom, positive)
+        return Box(left, top, right, bottom, positive, concept)
 
 
 def _floor(v: float) -> int:

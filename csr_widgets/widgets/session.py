@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from ..model import Box, Interaction
 
-FORMAT = "csr_widgets.explorer/1"
+FORMAT = "csr_widgets.explorer/2"  # /2: boxes may name a concept
+READABLE_FORMATS = ("csr_widgets.explorer/1", FORMAT)  # sessions saved before still load
 
 
 @dataclass(frozen=True)
@@ -35,28 +36,31 @@ class ExplorerState:
         }
 
 
+BOX_KEYS = ("x0", "y0", "x1", "y1", "positive", "concept")
+
+
 def as_boxes(boxes) -> tuple[Box, ...]:
-    """Boxes given as Box, dicts, or 4/5-sequences (x0, y0, x1, y1[, positive]) -> tuple of Box."""
+    """Boxes given as Box, dicts, or sequences (x0, y0, x1, y1[, positive[, concept]]) -> tuple of Box."""
     if isinstance(boxes, (Box, Mapping)):
         boxes = [boxes]
     if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Iterable):
-        raise TypeError(f"boxes must be a list of Box (or dicts / (x0, y0, x1, y1[, positive]) tuples), got {type(boxes).__name__}.")
+        raise TypeError(f"boxes must be a list of Box (or dicts / (x0, y0, x1, y1[, positive[, concept]]) tuples), got {type(boxes).__name__}.")
     out = []
     for item in boxes:
         if isinstance(item, Box):
             out.append(item)
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"x0", "y0", "x1", "y1", "positive"}
-            if unknown or not {"x0", "y0", "x1", "y1"} <= set(item):
-                raise ValueError(f"A box dict needs keys x0, y0, x1, y1 (and optionally positive), got {sorted(item)}.")
-            out.append(Box(item["x0"], item["y0"], item["x1"], item["y1"], bool(item.get("positive", True))))
-        elif isinstance(item, (tuple, list)) and len(item) in (4, 5):
-            positive = bool(item[4]) if len(item) == 5 else True
-            out.append(Box(*item[:4], positive=positive))
+            unknown = set(item) - set(BOX_KEYS)
+            if unknown or not set(BOX_KEYS[:4]) <= set(item):
+                raise ValueError(f"A box dict needs keys x0, y0, x1, y1 (and optionally positive, concept), got {sorted(item)}.")
+            out.append(Box(item["x0"], item["y0"], item["x1"], item["y1"], bool(item.get("positive", True)), item.get("concept")))
+        elif isinstance(item, (tuple, list)) and 4 <= len(item) <= 6:
+            positive = bool(item[4]) if len(item) > 4 else True
+            out.append(Box(*item[:4], positive=positive, concept=item[5] if len(item) > 5 else None))
         else:
             raise ValueError(
-                f"Cannot read a box from {item!r}: give Box(x0, y0, x1, y1, positive), a dict, or a "
-                "tuple (x0, y0, x1, y1[, positive]) in image pixels."
+                f"Cannot read a box from {item!r}: give Box(x0, y0, x1, y1, positive, concept), a dict, or a "
+                "tuple (x0, y0, x1, y1[, positive[, concept]]) in image pixels."
             )
     return tuple(out)
 
@@ -127,7 +131,7 @@ def parse_session(data, concepts: list[str], image_size: tuple[int, int]) -> tup
             raise ValueError(f"The session is not valid JSON: {error}.") from None
     if not isinstance(data, Mapping):
         raise TypeError(f"A session is a JSON object (dict), got {type(data).__name__}.")
-    if data.get("format") != FORMAT:
+    if data.get("format") not in READABLE_FORMATS:
         raise ValueError(f"Not a CSRExplorer session: format {data.get('format')!r}, expected {FORMAT!r}.")
     if list(data.get("concepts", [])) != list(concepts):
         raise ValueError(f"The session was saved for concepts {data.get('concepts')}, but this model has {concepts}.")
@@ -143,6 +147,10 @@ def parse_session(data, concepts: list[str], image_size: tuple[int, int]) -> tup
     unknown = sorted(set(rejected) - set(concepts))
     if unknown:
         raise ValueError(f"The session rejects unknown concepts {unknown}.")
+    boxes = as_boxes(data.get("boxes", []))
+    unknown = sorted({b.concept for b in boxes if b.concept is not None} - set(concepts))
+    if unknown:
+        raise ValueError(f"The session has boxes for unknown concepts {unknown}.")
     alpha = data.get("alpha")
-    state = ExplorerState(as_boxes(data.get("boxes", [])), frozenset(rejected), None if alpha is None else float(alpha))
+    state = ExplorerState(boxes, frozenset(rejected), None if alpha is None else float(alpha))
     return state, dict(data.get("view", {}))
