@@ -332,3 +332,10 @@ def test_cell_importance_equals_area_average_of_the_pixel_map(model):
             boxes.append(Box(float(x0), float(y0), float(x0 + w), float(y0 + h), positive=bool(rng.integers(2))))
         reference = model.grid.area_average(importance_map(boxes, 60, 64, 0.2), (8, 8))
         np.testing.assert_allclose(cell_importance(boxes, 60, 64, 0.2, model.grid, (8, 8)), reference, atol=1e-6)
+
+
+def test_a_model_can_be_built_inside_inference_mode():
+    with torch.inference_mode():
+        model = CSRModel(small_config())
+    assert (model.grid.stride, model.grid.offset) == (8, 0.0)
+    assert not any(p.is_inference() for p in model.parameters())  # it can still be trained

@@ -131,22 +131,25 @@ class CSRModel(nn.Module):
         if not isinstance(config, CSRConfig):
             raise TypeError(f"CSRModel needs a CSRConfig, got {type(config).__name__}.")
         self.config = config
-        K, M, D = config.num_concepts, config.prototypes_per_concept, config.embedding_dim
-        self.backbone = Backbone(config)
-        channels = self.backbone.out_channels
-        self.concept_head = ConceptHead(channels, K)
-        self.projector = Projector(channels, D, config.projector_blocks)
-        self.prototypes = nn.Parameter(F.normalize(torch.randn(K, M, D), dim=-1))
-        self.task_head = TaskHead(K, M, config.num_classes)
-        self.register_buffer("concept_mask", torch.ones(K, dtype=torch.bool))
-        self.register_buffer("prototype_mask", torch.ones(K, M, dtype=torch.bool))
-        # Mean score of each prototype over training images without its concept: what a
-        # rejected concept's scores become. Zeros until stage 3 measures it.
-        self.register_buffer("absent_baseline", torch.zeros(K, M))
-        mean = torch.tensor(config.pixel_mean).view(1, -1, 1, 1)
-        std = torch.tensor(config.pixel_std).view(1, -1, 1, 1)
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        # Parameters made under inference_mode would be inference tensors, which can never
+        # be trained: a notebook cell that builds a model inside it must still get a real one.
+        with torch.inference_mode(False):
+            K, M, D = config.num_concepts, config.prototypes_per_concept, config.embedding_dim
+            self.backbone = Backbone(config)
+            channels = self.backbone.out_channels
+            self.concept_head = ConceptHead(channels, K)
+            self.projector = Projector(channels, D, config.projector_blocks)
+            self.prototypes = nn.Parameter(F.normalize(torch.randn(K, M, D), dim=-1))
+            self.task_head = TaskHead(K, M, config.num_classes)
+            self.register_buffer("concept_mask", torch.ones(K, dtype=torch.bool))
+            self.register_buffer("prototype_mask", torch.ones(K, M, dtype=torch.bool))
+            # Mean score of each prototype over training images without its concept: what a
+            # rejected concept's scores become. Zeros until stage 3 measures it.
+            self.register_buffer("absent_baseline", torch.zeros(K, M))
+            mean = torch.tensor(config.pixel_mean).view(1, -1, 1, 1)
+            std = torch.tensor(config.pixel_std).view(1, -1, 1, 1)
+            self.register_buffer("pixel_mean", mean, persistent=False)
+            self.register_buffer("pixel_std", std, persistent=False)
         self._similarity_hooks: OrderedDict[int, SimilarityHook] = OrderedDict()
 
     # ----------------------------------------------------------------- properties
@@ -235,11 +238,10 @@ class CSRModel(nn.Module):
         maps = encoding.similarity_maps
         B, K, M, h, w = maps.shape
         importance = self.importance(interactions, encoding.image_size, (h, w))
+        shared = per_concept = None
         if importance is not None:
-            shared, per_concept = (a.to(maps) for a in importance)
-            maps = maps * per_concept[:, :, None]
-        else:
-            shared = per_concept = None
+            shared, per_concept = importance
+            maps = maps * (shared[:, None, None] if per_concept is None else per_concept[:, :, None])
         for hook in self._similarity_hooks.values():
             replaced = hook(self, maps)
             if replaced is not None:
@@ -252,17 +254,17 @@ class CSRModel(nn.Module):
             scores = maps.amax(dim=(-2, -1)).clamp(min=0)  # = max_hw max(A * S, 0)
         if importance is not None and self.config.box_floor:
             scores = self._floor(scores, encoding.scores, interactions)
-        rejected = self._rejected_pairs(interactions, B)
+        rejected = self._rejected(interactions, B)
         if rejected is not None:
-            images, concepts = rejected
-            baseline = self.config.rejection == "baseline"
-            replacement = self.absent_baseline[concepts].to(scores.dtype) if baseline else scores.new_zeros(())
-            scores = scores.index_put((images, concepts), replacement)
+            replacement = self.absent_baseline if self.config.rejection == "baseline" else scores.new_zeros(())
+            scores = torch.where(rejected[:, :, None], replacement, scores)
         contributions, logits = self.classify(scores)
         probs = logits.softmax(-1)
-        margin = -probs.topk(2, dim=-1).values.diff(dim=-1).squeeze(-1)  # p(top-1) - p(top-2)
+        top = probs.topk(2, dim=-1).values
+        margin = top[..., 0] - top[..., 1]
         if shared is None:
             shared = maps.new_ones(()).expand(B, h, w)
+        if per_concept is None:
             per_concept = shared[:, None].expand(B, K, h, w)
         return Reasoning(
             similarity_maps=maps,
@@ -284,7 +286,7 @@ class CSRModel(nn.Module):
 
         scores, unboxed: (B, K, M) with and without the boxes (``unboxed`` before hooks).
         """
-        floor = torch.minimum(unboxed.to(scores), self.absent_baseline.to(scores))
+        floor = torch.minimum(unboxed, self.absent_baseline)
         floored = torch.maximum(scores, floor)
         if all(i.boxes for i in interactions):
             return floored
@@ -305,32 +307,35 @@ class CSRModel(nn.Module):
         return self.reason(self.encode(images), interaction)
 
     def importance(self, interactions: list[Interaction] | None, image_size: tuple[int, int],
-                   cells: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   cells: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Each image's boxes on the feature grid (``config.box_footprint``):
 
         A (B, h, w) of the boxes that act on every concept, and A_k (B, K, h, w), the map
-        each concept's similarity maps are multiplied by. None when no image has a box.
+        each concept's similarity maps are multiplied by (None when no box names a
+        concept: then A_k = A). None when no image has a box.
         """
         if interactions is None or not any(i.boxes for i in interactions):
             return None
         H, W = image_size
-        K = len(self.concepts)
-        shared, per_concept = [], []
+        shared, named = [], []
         for interaction in interactions:
             boxes = [b.clipped(W, H) for b in interaction.boxes]
             if any(b is None for b in boxes):
                 outside = [b for b, c in zip(interaction.boxes, boxes) if c is None]
                 raise ValueError(f"Boxes {outside} lie entirely outside the {W}x{H} image (x0, y0, x1, y1 in pixels).")
             alpha = self.config.alpha if interaction.alpha is None else interaction.alpha
-            common, named = concept_importance(boxes, self.concepts, H, W, alpha, self.grid, cells, self.config.box_footprint)
-            maps = np.broadcast_to(common, (K, *cells))
-            if named:
-                maps = maps.copy()
-                for k, concept_map in named.items():
-                    maps[k] = concept_map
+            common, own = concept_importance(boxes, self.concepts, H, W, alpha, self.grid, cells, self.config.box_footprint)
             shared.append(common)
-            per_concept.append(maps)
-        return torch.from_numpy(np.stack(shared)).to(self.device), torch.from_numpy(np.stack(per_concept)).to(self.device)
+            named.append(own)
+        shared = np.stack(shared)
+        per_concept = None
+        if any(named):
+            per_concept = np.repeat(shared[:, None], len(self.concepts), axis=1)
+            for b, own in enumerate(named):
+                for k, concept_map in own.items():
+                    per_concept[b, k] = concept_map
+            per_concept = torch.from_numpy(per_concept).to(self.device, self.prototypes.dtype)
+        return torch.from_numpy(shared).to(self.device, self.prototypes.dtype), per_concept
 
     # ----------------------------------------------------------------- checks
     def _check_images(self, images) -> torch.Tensor:
@@ -379,16 +384,13 @@ class CSRModel(nn.Module):
             self.concept_index(i.named_concepts)
         return interactions
 
-    def _rejected_pairs(self, interactions: list[Interaction] | None, batch: int):
-        """(image indices, concept indices) of every rejected concept (model mask or user),
-        or None when nothing is rejected; built in Python, the lists are tiny."""
-        masked = [k for k, keep in enumerate(self.concept_mask.tolist()) if not keep]
-        per_image = [sorted(set(masked + self.concept_index(i.rejected))) for i in interactions] if interactions else [masked] * batch
-        pairs = [(b, k) for b, ks in enumerate(per_image) for k in ks]
-        if not pairs:
-            return None
-        images, concepts = torch.tensor(pairs, device=self.device).T
-        return images, concepts
+    def _rejected(self, interactions: list[Interaction] | None, batch: int) -> torch.Tensor | None:
+        """(B, K) bool: concepts rejected by the model's mask or by the user; None when
+        nothing is (built in Python and numpy: the lists are tiny)."""
+        rejected = np.repeat(~self.concept_mask.cpu().numpy()[None], batch, axis=0)
+        for b, interaction in enumerate(interactions or ()):
+            rejected[b, self.concept_index(interaction.rejected)] = True
+        return torch.from_numpy(rejected).to(self.device) if rejected.any() else None
 
     # ----------------------------------------------------------------- persistence
     def save(self, path) -> None:

@@ -113,6 +113,14 @@ class FeatureGrid:
         owner = self.owners(pixels, cells)
         return slice(int(owner[first]), int(owner[last]) + 1)
 
+    def span(self, cell: int, pixels: int, cells: int) -> tuple[int, int]:
+        """[first, last + 1) of the pixels a cell owns along one axis (the inverse of
+        ``touched``: a box over exactly this span touches this cell only)."""
+        owned = np.flatnonzero(self.owners(pixels, cells) == cell)
+        if len(owned) == 0:
+            raise ValueError(f"Cell {cell} owns no pixel of a {pixels}-pixel axis with {cells} cells.")
+        return int(owned[0]), int(owned[-1]) + 1
+
     def cell_of(self, pixel: float, cells: int) -> int:
         """Index of the cell whose centre is nearest to a pixel coordinate."""
         return int(min(max(round((pixel - self.offset) / self.stride), 0), cells - 1))
@@ -136,7 +144,10 @@ class FeatureGrid:
             channels, cells = features.shape[1], features.shape[-1]
             stride = max(1, round(image_size / cells))
             if offset is None:
-                offset = cls._measure_offset(backbone, in_channels, image_size, stride)
+                # The probe needs gradients even when the model is built inside
+                # torch.inference_mode() or no_grad() (e.g. in a notebook cell that uses them).
+                with torch.inference_mode(False), torch.enable_grad():
+                    offset = cls._measure_offset(backbone, in_channels, image_size, stride)
         finally:
             backbone.train(was_training)
         return cls(channels=channels, stride=stride, offset=float(offset))

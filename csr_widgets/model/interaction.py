@@ -51,6 +51,8 @@ class Box:
 
     def clipped(self, width: int, height: int) -> "Box | None":
         """This box cut to a width x height image, or None if nothing of it lies inside."""
+        if self.x0 >= 0 and self.y0 >= 0 and self.x1 <= width and self.y1 <= height:
+            return self
         x0, y0 = max(self.x0, 0), max(self.y0, 0)
         x1, y1 = min(self.x1, width), min(self.y1, height)
         if x1 <= x0 or y1 <= y0:
