@@ -4,9 +4,9 @@ your own CSV, all yielding one item format (see ``records`` and DESIGN section 7
 from .batch import collate
 from .concept_csv import ConceptCSV
 from .isic import ISIC2018
-from .pixels import read_image
+from .pixels import read_image, resize_image
 from .synthetic import SyntheticCXR
 from .tbx11k import TBX11K
 from .vindr import VinDrCXR
 
-__all__ = ["SyntheticCXR", "TBX11K", "VinDrCXR", "ISIC2018", "ConceptCSV", "read_image", "collate"]
+__all__ = ["SyntheticCXR", "TBX11K", "VinDrCXR", "ISIC2018", "ConceptCSV", "read_image", "resize_image", "collate"]

@@ -6,6 +6,7 @@ weights can never be separated from the config they belong to.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ from .. import __version__
 from ..config import CSRConfig
 
 FORMAT = "csr_widgets.checkpoint/1"
+# Tensors a checkpoint may lack because it predates them; the model keeps its defaults.
+# novelty.*: out-of-distribution statistics (csr_widgets 0.2); without them nothing is flagged.
+OPTIONAL_PREFIXES = ("novelty.",)
 
 
 class CheckpointError(ValueError):
@@ -77,6 +81,15 @@ def load_weights(model, path) -> None:
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({error}).") from None
     expected = model.state_dict()
+    absent = [k for k in expected if k not in state and k.startswith(OPTIONAL_PREFIXES)]
+    if absent:
+        warnings.warn(
+            f"{path} has no out-of-distribution statistics (saved before csr_widgets 0.2): "
+            "Reasoning.out_of_distribution will flag nothing. Measure them with "
+            "csr_widgets.training.calibrate_novelty(model, train_set, val_set) and save the model again.",
+            stacklevel=3,
+        )
+        state = {**state, **{k: expected[k] for k in absent}}
     problems = [f"missing: {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
     problems += [f"unexpected: {k} {tuple(v.shape)}" for k, v in state.items() if k not in expected]
     problems += [

@@ -8,6 +8,7 @@ every mouse event.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,9 @@ from .backbone import Backbone
 from .grid import FeatureGrid
 from .heads import ConceptHead, Projector, TaskHead
 from .interaction import Interaction, concept_importance
+from .novelty import NoveltyDetector
 
+MAX_ASPECT = 10  # longer side / shorter side beyond which an image is refused
 SimilarityHook = Callable[["CSRModel", torch.Tensor], "torch.Tensor | None"]
 
 
@@ -35,6 +38,8 @@ class Encoding:
     concept_maps:    (B, K, h, w)    CAM, the concept head's activation maps
     concept_logits:  (B, K)          CAM pooled over (h, w): `CSRModel.pool_concepts`
     image_size:      (H, W)          size of the images given to ``encode``, in pixels
+    feature_distance: (B,)           how far each image's pooled features lie from the
+                                     training images' (``NoveltyDetector``); None: unknown
     scores:          (B, K, M)       s = max_hw max(S, 0) without any box: the answer when
                                      nothing is drawn, and the floor's reference; derived
                                      from similarity_maps on first use and kept (treat an
@@ -45,6 +50,7 @@ class Encoding:
     concept_maps: torch.Tensor
     concept_logits: torch.Tensor
     image_size: tuple[int, int]
+    feature_distance: torch.Tensor | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -57,9 +63,11 @@ class Encoding:
         return self.similarity_maps.shape[0]
 
     def _map(self, function) -> "Encoding":
-        scores = None if self._scores is None else function(self._scores)
+        """The same encoding with ``function`` applied to every tensor (index, move, expand)."""
+        optional = {name: None if t is None else function(t) for name, t in
+                    (("feature_distance", self.feature_distance), ("_scores", self._scores))}
         return Encoding(*(function(t) for t in (self.similarity_maps, self.concept_maps, self.concept_logits)),
-                        self.image_size, scores)
+                        self.image_size, **optional)
 
     def __getitem__(self, index) -> "Encoding":
         """The encoding of a sub-batch (an int keeps the batch axis)."""
@@ -91,6 +99,9 @@ class Reasoning:
     probs:           (B, N)          softmax of logits
     contributions:   (B, N, K)       each concept's share of each class logit
     needs_review:    (B,)            p(top-1) - p(top-2) < config.review_margin
+    out_of_distribution: (B,)        the image is unlike the training images (its pooled
+                                     features lie beyond the novelty threshold): do not
+                                     trust the prediction, however confident
     """
 
     similarity_maps: torch.Tensor
@@ -102,6 +113,7 @@ class Reasoning:
     probs: torch.Tensor
     contributions: torch.Tensor
     needs_review: torch.Tensor
+    out_of_distribution: torch.Tensor
 
     @property
     def concept_probs(self) -> torch.Tensor:
@@ -141,6 +153,7 @@ class CSRModel(nn.Module):
             self.projector = Projector(channels, D, config.projector_blocks)
             self.prototypes = nn.Parameter(F.normalize(torch.randn(K, M, D), dim=-1))
             self.task_head = TaskHead(K, M, config.num_classes)
+            self.novelty = NoveltyDetector(channels)
             self.register_buffer("concept_mask", torch.ones(K, dtype=torch.bool))
             self.register_buffer("prototype_mask", torch.ones(K, M, dtype=torch.bool))
             # Mean score of each prototype over training images without its concept: what a
@@ -228,6 +241,7 @@ class CSRModel(nn.Module):
             concept_maps=concept_maps,
             concept_logits=self.pool_concepts(concept_maps),
             image_size=tuple(image_size),
+            feature_distance=self.novelty.distance(features),
         )
 
     def reason(self, encoding: Encoding, interaction: Interaction | Sequence[Interaction] | None = None) -> Reasoning:
@@ -276,6 +290,7 @@ class CSRModel(nn.Module):
             probs=probs,
             contributions=contributions,
             needs_review=margin < self.config.review_margin,
+            out_of_distribution=self._novel(encoding),
         )
 
     def _floor(self, scores: torch.Tensor, unboxed: torch.Tensor, interactions: list[Interaction]) -> torch.Tensor:
@@ -292,6 +307,12 @@ class CSRModel(nn.Module):
             return floored
         boxed = torch.tensor([bool(i.boxes) for i in interactions], device=scores.device)
         return torch.where(boxed[:, None, None], floored, scores)
+
+    def _novel(self, encoding: Encoding) -> torch.Tensor:
+        """(B,) bool: beyond the novelty threshold (False where the distance is unknown)."""
+        if encoding.feature_distance is None:
+            return torch.zeros(len(encoding), dtype=torch.bool, device=encoding.concept_logits.device)
+        return encoding.feature_distance > self.novelty.threshold
 
     def classify(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """H on scores (B, K, M) -> contributions (B, N, K) and logits (B, N).
@@ -362,14 +383,36 @@ class CSRModel(nn.Module):
             )
         if not torch.isfinite(images).all():
             raise ValueError("Images contain NaN or infinite pixels.")
-        if self.backbone.fixed_input_size and tuple(images.shape[-2:]) != (self.config.image_size,) * 2:
+        H, W = images.shape[-2:]
+        if max(H, W) > MAX_ASPECT * min(H, W):
+            raise ValueError(
+                f"Images of {W}x{H} px have an aspect ratio beyond {MAX_ASPECT}:1; no radiograph is that shape: "
+                "crop the region of interest first."
+            )
+        if self.backbone.fixed_input_size and (H, W) != (self.config.image_size,) * 2:
             raise ValueError(
                 f"Backbone {self.config.backbone!r} needs {self.config.image_size}x{self.config.image_size} "
-                f"images, got {images.shape[-1]}x{images.shape[-2]}; resize them first."
+                f"images, got {W}x{H}; resize them first."
             )
         smallest = 2 * self.grid.stride
-        if min(images.shape[-2:]) < smallest:
-            raise ValueError(f"Images of {images.shape[-1]}x{images.shape[-2]} px are smaller than this backbone's minimum of {smallest} px.")
+        if min(H, W) < smallest:
+            raise ValueError(f"Images of {W}x{H} px are smaller than this backbone's minimum of {smallest} px: "
+                             f"resize them to the training size, {self.config.image_size}x{self.config.image_size}.")
+        peak = float(images.max())
+        if peak > 1.5:
+            warnings.warn(
+                f"Pixel values reach {peak:.4g}: the model expects floats in [0, 1] (these look like 0..255 "
+                "or raw detector values). Divide by 255 for 8-bit images, or read files with "
+                "csr_widgets.data.read_image, which scales them.", stacklevel=3)
+        if (H, W) != (self.config.image_size,) * 2:
+            # CNN features are not scale-invariant: the bundled 160-px model fed the same
+            # phantoms at 224 px fell from 0.98 to 0.68 macro F1 (ours: warn, do not resize,
+            # so that boxes stay in the pixels of the images given; the widgets resize).
+            warnings.warn(
+                f"These images are {W}x{H} px but the model was trained on {self.config.image_size}x"
+                f"{self.config.image_size}: anatomy at another scale than in training makes the predictions "
+                "unreliable. Resize them first, e.g. csr_widgets.data.resize_image(image, "
+                f"{self.config.image_size}) per (C, H, W) image.", stacklevel=3)
         return images.to(self.device, self.prototypes.dtype)
 
     def _check_interactions(self, interaction, batch: int) -> list[Interaction] | None:

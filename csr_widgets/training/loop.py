@@ -285,6 +285,19 @@ def calibrate_task_head(model: CSRModel, scores: torch.Tensor, concepts: torch.T
     model.absent_baseline.copy_(torch.where(counts[:, None] > 0, baseline, low))
 
 
+def calibrate_novelty(model: CSRModel, train: Dataset | FeatureCache, val: Dataset | FeatureCache | None = None,
+                      quantile: float = 0.99, progress: bool = True) -> float:
+    """Measure the out-of-distribution statistics of a model whose backbone is trained
+    (``model.novelty``, see model/novelty.py): a Gaussian of the training images' pooled
+    features, and the threshold at ``quantile`` of the validation images' distances.
+    Takes datasets or feature caches; returns the threshold. Training does this when
+    stage 3 starts; call it for a model saved without them, then save it again.
+    """
+    caches = [d if d is None or isinstance(d, FeatureCache) else cache_features(model, d, progress=progress) for d in (train, val)]
+    model.novelty.fit(caches[0].features, None if caches[1] is None else caches[1].features, quantile)
+    return float(model.novelty.threshold)
+
+
 def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> list[dict]:
     """Stage 3: H with cross-entropy on the scores, with concept dropout (ours).
@@ -292,6 +305,7 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
     generator = torch.Generator().manual_seed(plan.seed + 3)
     scores = cached_scores(model, train)
     calibrate_task_head(model, scores, train.concepts)
+    calibrate_novelty(model, train, val)  # F is frozen from here on: its statistics are final
     val_scores = cached_scores(model, val) if val is not None else None
     params = set_stage(model, 3)
     with torch.no_grad():
