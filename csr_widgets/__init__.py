@@ -1,6 +1,5 @@
 """csr_widgets: Concept-based Similarity Reasoning (CVPR 2025) with live Jupyter widgets."""
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import CSRConfig
 from .data import SyntheticCXR
 from .model import Box, CSRModel, Interaction

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from .._tensor_files import read_tensors
 from ..model import CSRModel
 
 FORMAT = "csr_widgets.atlas/1"
@@ -60,15 +61,7 @@ class Atlas:
 
     @classmethod
     def load(cls, path) -> "Atlas":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No atlas at {path}.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as error:  # safetensors raises several types for a damaged file
-            raise ValueError(f"{path} is not a readable atlas ({error}).") from None
+        tensors, metadata = read_tensors(path, "atlas")
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a csr_widgets atlas (format {metadata.get('format')!r}).")
         missing = [f.name for f in fields(cls) if f.name != "concepts" and f.name not in tensors]

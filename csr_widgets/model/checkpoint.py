@@ -1,22 +1,24 @@
 """Checkpoints: safetensors weights with the config as JSON in the same file's header.
 
 Nothing is unpickled: safetensors holds only tensors and strings. One file means the
-weights can never be separated from the config they belong to.
+weights can never be separated from the config they belong to. This module never builds
+a model: ``CSRModel.load`` reads the config here, builds itself, and loads the weights
+here, so the model class and its file format do not import each other.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
-from .. import __version__
+from .._tensor_files import read_header, read_tensors
+from .._version import __version__
 from ..config import CSRConfig
 
 FORMAT = "csr_widgets.checkpoint/1"
+_WHAT = "safetensors checkpoint"  # how messages name the file
 # Tensors a checkpoint may lack because it predates them; the model keeps its defaults.
 # novelty.*: out-of-distribution statistics (csr_widgets 0.2); without them nothing is flagged.
 OPTIONAL_PREFIXES = ("novelty.",)
@@ -33,6 +35,7 @@ def checkpoint_path(path) -> Path:
 
 
 def save_model(model, path) -> Path:
+    """Write ``model``'s state dict and ``model.config`` to one safetensors file."""
     path = checkpoint_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -41,45 +44,25 @@ def save_model(model, path) -> Path:
     return path
 
 
-def read_config(path) -> CSRConfig:
-    """The config stored in a checkpoint's header."""
+def read_config(path, expected: CSRConfig | None = None) -> CSRConfig:
+    """The config stored in a checkpoint's header; refuses one that differs from ``expected``."""
     path = checkpoint_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({error}).") from None
+    metadata = read_header(path, _WHAT, CheckpointError)
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a csr_widgets checkpoint (no config in its header).")
     try:
-        return CSRConfig.from_json(metadata["config"])
+        stored = CSRConfig.from_json(metadata["config"])
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an invalid config: {error}") from None
-
-
-def load_model(path, device=None, config: CSRConfig | None = None):
-    from .csr import CSRModel
-
-    stored = read_config(path)
-    if config is not None and config != stored:
-        raise CheckpointError(
-            f"{checkpoint_path(path)} was saved with a different config:\n  "
-            + "\n  ".join(config.differences(stored))
-        )
-    model = CSRModel(stored)
-    load_weights(model, path)
-    return model.to(device) if device is not None else model
+    if expected is not None and expected != stored:
+        raise CheckpointError(f"{path} was saved with a different config:\n  " + "\n  ".join(expected.differences(stored)))
+    return stored
 
 
 def load_weights(model, path) -> None:
     """Load a checkpoint's tensors into ``model``; refuse any missing, extra or reshaped tensor."""
     path = checkpoint_path(path)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({error}).") from None
+    state, _ = read_tensors(path, _WHAT, CheckpointError)
     expected = model.state_dict()
     absent = [k for k in expected if k not in state and k.startswith(OPTIONAL_PREFIXES)]
     if absent:

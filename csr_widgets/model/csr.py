@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..config import CSRConfig
 from .backbone import Backbone
+from .checkpoint import load_weights, read_config, save_model
 from .grid import FeatureGrid
 from .heads import ConceptHead, Projector, TaskHead
 from .interaction import Interaction, concept_importance
@@ -438,13 +439,11 @@ class CSRModel(nn.Module):
     # ----------------------------------------------------------------- persistence
     def save(self, path) -> None:
         """Write weights and config to one safetensors file (config as JSON in its header)."""
-        from .checkpoint import save_model
-
         save_model(self, path)
 
     @classmethod
     def load(cls, path, device=None, config: CSRConfig | None = None) -> "CSRModel":
         """Rebuild a saved model; refuses files that do not match ``config`` when given."""
-        from .checkpoint import load_model
-
-        return load_model(path, device=device, config=config)
+        model = cls(read_config(path, expected=config))
+        load_weights(model, path)
+        return model.to(device) if device is not None else model

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sklearn.metrics import f1_score, roc_auc_score
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .._tensor_files import read_tensors
 from ..data import collate
 from ..model import CSRModel
 from ..model.checkpoint import load_weights
@@ -462,11 +463,7 @@ def _save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int,
 
 
 def _load_progress(path: Path, model: CSRModel, optimizer, schedule) -> tuple[int, float]:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+    tensors, metadata = read_tensors(path, "training progress file")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
