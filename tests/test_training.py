@@ -216,3 +216,14 @@ def test_atlas_links_each_prototype_to_its_best_match_and_round_trips(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable atlas"):
         Atlas.load(tmp_path / "bad.safetensors")
+
+
+def test_build_atlas_reads_the_model_in_eval_mode_and_leaves_its_mode():
+    model = toy_model().train()
+    data = Squares(12)
+    atlas = build_atlas(model, data, crop_size=8, progress=False)
+    assert all(m.training for m in model.modules())  # left as it came
+    reference = build_atlas(model.eval(), data, crop_size=8, progress=False)
+    # read with batch norm's running statistics, which a train-mode pass would have moved
+    assert torch.equal(atlas.image_index, reference.image_index) and torch.equal(atlas.location, reference.location)
+    torch.testing.assert_close(atlas.similarity, reference.similarity, equal_nan=True)

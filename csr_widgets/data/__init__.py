@@ -1,7 +1,7 @@
 """Data: the synthetic default (SyntheticCXR), loaders for TBX11K, VinDr-CXR, ISIC 2018 and
 your own CSV, all yielding one item format (see ``records`` and DESIGN section 7), and
 ``read_image`` for any image the package is handed."""
-from .batch import collate
+from .._batching import collate
 from .concept_csv import ConceptCSV
 from .isic import ISIC2018
 from .pixels import read_image, resize_image

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from .._inference import evaluating
 from .._tensor_files import read_tensors
 from ..model import CSRModel
 
@@ -76,15 +77,19 @@ class Atlas:
             raise ValueError(f"This atlas ({self.concepts}, {self.shape}) was not built for this model ({model.concepts}, {expected}).")
 
 
-@torch.no_grad()
 def build_atlas(model: CSRModel, dataset: Dataset, crop_size: int = 64, crop_fraction: float = 0.25, progress: bool = True) -> Atlas:
     """Eq. 11 over a training set: the best match of every prototype, with its crop.
 
-    crop_fraction: side of the crop as a fraction of the image's shorter side.
+    crop_fraction: side of the crop as a fraction of the image's shorter side. The model
+    is read in eval mode and left in the mode it came in.
     """
+    with evaluating(model, autograd=torch.no_grad):
+        return _match(model, dataset, crop_size, crop_fraction, progress)
+
+
+def _match(model: CSRModel, dataset: Dataset, crop_size: int, crop_fraction: float, progress: bool) -> Atlas:
     from ..training.loop import cache_features, concept_vectors
 
-    model.eval()
     cache = cache_features(model, dataset, progress=progress)
     vectors, concepts, images = concept_vectors(model, cache)
     K, M, _ = model.prototypes.shape

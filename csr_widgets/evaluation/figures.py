@@ -16,9 +16,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Rectangle
 
+from .._inference import evaluating
 from ..model.interaction import Interaction
 from . import metrics
-from .report import _EvalMode
 
 HEATMAP = "jet"
 
@@ -60,7 +60,7 @@ def similarity_grid(model, image, interaction: Interaction | None = None, concep
     image = _as_image(image)
     names = list(concepts) if concepts is not None else list(model.concepts)
     rows = model.concept_index(names)
-    with _EvalMode(model):
+    with evaluating(model):
         encoding = model.encode(image[None])
         out = model.reason(encoding, interaction)
         size = encoding.image_size
@@ -111,7 +111,7 @@ def pointing_examples(model, dataset, frame: pd.DataFrame, concept: str, toleran
             row = frame.loc[rows[c]]
             item = dataset[int(row["index"])]
             image = _as_image(item["image"])
-            with _EvalMode(model):
+            with evaluating(model):
                 encoding = model.encode(image[None])
                 out = model.reason(encoding)
                 heat = metrics.concept_saliency(out.similarity_maps, model.grid, encoding.image_size, model.prototype_mask)[0, k]

@@ -27,106 +27,21 @@ importance map A (what the user sees); without one they are the raw maps.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from .._batching import Batch, iterate_batches
+from .._inference import evaluating
 from ..model.interaction import Interaction
 from . import metrics
+from .simulation import interaction_gains, simulate_interaction
 
 DEFAULT_TOLERANCES = (0, 15)
 # Upper bound on the elements of one saliency tensor (B', K, H, W) held at a time: 64 MB.
 SALIENCY_ELEMENTS = 2**24
-
-
-# --------------------------------------------------------------------------- batching
-@dataclass
-class Batch:
-    """One collated batch in the model's concept and class order.
-
-    indices:        (B,) positions in the dataset
-    images:         (B, C, H, W) float in [0, 1] (on the CPU; encode moves them)
-    concepts:       (B, K) float 0/1, NaN for a model concept the dataset does not have
-    labels:         (B,) long class indices in the model's class order
-    boxes:          B lists of (concept_name, x0, y0, x1, y1)
-    shortcut_boxes: B entries, None or (x0, y0, x1, y1)
-    """
-
-    indices: np.ndarray
-    images: torch.Tensor
-    concepts: torch.Tensor
-    labels: torch.Tensor
-    boxes: list[list[tuple]]
-    shortcut_boxes: list[tuple | None]
-
-
-def _collate(items: list[dict]) -> dict:
-    # Boxes vary in number per image, so torch's default collate cannot stack them.
-    return {
-        "image": torch.stack([torch.as_tensor(i["image"], dtype=torch.float32) for i in items]),
-        "concepts": torch.stack([torch.as_tensor(i["concepts"], dtype=torch.float32) for i in items]),
-        "label": torch.as_tensor([int(i["label"]) for i in items], dtype=torch.long),
-        "boxes": [list(i.get("boxes", ())) for i in items],
-        "shortcut_box": [i.get("shortcut_box") for i in items],
-    }
-
-
-def _alignment(model, dataset) -> tuple[np.ndarray, np.ndarray | None]:
-    """Dataset concept column of each model concept (-1: missing), and the class map."""
-    names = list(getattr(dataset, "concepts", model.concepts))
-    columns = np.array([names.index(c) if c in names else -1 for c in model.concepts])
-    if (columns < 0).all():
-        raise ValueError(f"The dataset's concepts {names} share no name with the model's {model.concepts}.")
-    classes = getattr(dataset, "classes", None)
-    class_map = None
-    if classes is not None and list(classes) != list(model.classes):
-        unknown = sorted(set(classes) - set(model.classes))
-        if unknown:
-            raise ValueError(f"The dataset's classes {unknown} are not classes of the model ({model.classes}).")
-        class_map = np.array([model.classes.index(c) for c in classes])
-    return columns, class_map
-
-
-def iterate_batches(model, dataset, batch_size: int = 32, progress: bool = True, desc: str = "evaluate",
-                    num_workers: int = 0) -> Iterator[Batch]:
-    """Yield the dataset in order as ``Batch`` objects aligned to the model's concepts/classes."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty.")
-    columns, class_map = _alignment(model, dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    start = 0
-    for raw in tqdm(loader, total=len(loader), disable=not progress, desc=desc, leave=False):
-        B = raw["image"].shape[0]
-        concepts = raw["concepts"][:, np.clip(columns, 0, None)]
-        concepts[:, columns < 0] = float("nan")
-        labels = raw["label"] if class_map is None else torch.as_tensor(class_map[raw["label"].numpy()])
-        yield Batch(np.arange(start, start + B), raw["image"], concepts, labels, raw["boxes"], raw["shortcut_box"])
-        start += B
-
-
-class _EvalMode:
-    """Context: eval mode and inference mode, the previous training flag restored after."""
-
-    def __init__(self, model):
-        self.model, self.inference = model, torch.inference_mode()
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        self.inference.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.inference.__exit__(*exc)
-        self.model.train(self.was_training)
-        return False
 
 
 def _interactions_for(interaction, indices: np.ndarray):
@@ -154,7 +69,7 @@ def evaluate(model, dataset, batch_size: int = 32,
     if tuple(mask.shape) != tuple(model.prototype_mask.shape):
         raise ValueError(f"prototype_mask must have shape {tuple(model.prototype_mask.shape)}, got {tuple(mask.shape)}.")
     rows: list[pd.DataFrame] = []
-    with _EvalMode(model):
+    with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "evaluate", num_workers):
             encoding = model.encode(batch.images)
             out = model.reason(encoding, _interactions_for(interaction, batch.indices))
@@ -343,7 +258,5 @@ def paper_tables(model, dataset, *, refined=None, batch_size: int = 32, toleranc
                                  prototype_mask=mask.to(model.device, torch.bool))
     gains = None
     if simulate:
-        from .simulation import interaction_gains, simulate_interaction
-
         gains = interaction_gains(simulate_interaction(model, dataset, batch_size=batch_size, progress=progress))
     return format_tables(frame, gains, refined_frame, markdown=markdown)

@@ -31,9 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._batching import iterate_batches
+from .._inference import evaluating
 from ..model.grid import FeatureGrid
 from . import metrics
-from .report import _EvalMode, classification_summary, evaluate, iterate_batches, pointing_summary
+from .report import classification_summary, evaluate, pointing_summary
 
 
 def shortcut_hits(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
@@ -66,7 +68,7 @@ def shortcut_prototype_rates(model, dataset, tolerance: float = 0, batch_size: i
     """
     K, M = model.prototype_mask.shape
     counts, images = np.zeros((K, M), dtype=int), 0
-    with _EvalMode(model):
+    with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "shortcut", num_workers):
             if all(box is None for box in batch.shortcut_boxes):
                 continue

@@ -34,10 +34,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .._batching import iterate_batches
+from .._inference import evaluating
 from ..model.interaction import Box, Interaction
 from ..model.questions import Question, rank_questions
 from . import metrics
-from .report import _EvalMode, iterate_batches
 
 ORACLE_KINDS = ("boxes", "concept_boxes", "reject", "both", "concept_both")
 QUESTION_KINDS = ("question", "random_question")
@@ -145,7 +146,7 @@ def simulate_interaction(model, dataset, batch_size: int = 32, kinds: Sequence[s
         if kind not in ORACLE_KINDS + QUESTION_KINDS:
             raise ValueError(f"kind must be one of {ORACLE_KINDS + QUESTION_KINDS}, got {kind!r}.")
     frames = []
-    with _EvalMode(model):
+    with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "simulate", num_workers):
             encoding = model.encode(batch.images)  # once; each kind only re-runs reason
             result = oracle_predictions(model, encoding, batch.concepts, batch.boxes, kinds, seed=int(batch.indices[0]))
@@ -206,7 +207,7 @@ def box_fidelity(model, dataset, batch_size: int = 32, progress: bool = True, nu
     0), peak_off_after (it peaks outside the box once the box is drawn as a negative box).
     """
     rows = []
-    with _EvalMode(model):
+    with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "box fidelity", num_workers):
             encoding = model.encode(batch.images)
             H, W = encoding.image_size
@@ -282,7 +283,7 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
     """
     target = list(model.classes).index(shortcut_class)
     labels, before, after, has = [], [], [], []
-    with _EvalMode(model):
+    with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "shortcut box", num_workers):
             encoding = model.encode(batch.images)
             H, W = encoding.image_size

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._inference import evaluating
+
 
 @dataclass(frozen=True)
 class FeatureGrid:
@@ -136,9 +138,7 @@ class FeatureGrid:
         blocks, and shrinks both supports alike, which cancels out. When a cell sees the whole image (ViTs, deep CNNs on a small
         input) the probe retries on a larger input, then falls back to (stride - 1) / 2.
         """
-        was_training = backbone.training
-        backbone.eval()
-        try:
+        with evaluating(backbone, autograd=None):  # the grad mode stays the caller's (see below)
             with torch.no_grad():
                 features = backbone(torch.zeros(1, in_channels, image_size, image_size))
             channels, cells = features.shape[1], features.shape[-1]
@@ -148,8 +148,6 @@ class FeatureGrid:
                 # torch.inference_mode() or no_grad() (e.g. in a notebook cell that uses them).
                 with torch.inference_mode(False), torch.enable_grad():
                     offset = cls._measure_offset(backbone, in_channels, image_size, stride)
-        finally:
-            backbone.train(was_training)
         return cls(channels=channels, stride=stride, offset=float(offset))
 
     @staticmethod

@@ -22,8 +22,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .._batching import collate
+from .._inference import evaluating
 from .._tensor_files import read_tensors
-from ..data import collate
 from ..model import CSRModel
 from ..model.checkpoint import load_weights
 from .losses import concept_loss, concept_similarities, local_concept_vectors, pixel_loss, prototype_loss
@@ -80,22 +81,19 @@ def check_dataset(model: CSRModel, dataset: Dataset, what: str) -> None:
 
 
 # ------------------------------------------------------------------ caches
-@torch.no_grad()
 def cache_features(model: CSRModel, dataset: Dataset, batch_size: int = 64, progress: bool = True,
                    on_progress: Callable[[float], None] | None = None) -> FeatureCache:
     """Run the frozen backbone once over a dataset. ``on_progress(fraction)`` after each batch."""
-    was_training = model.training
-    model.eval()
     features, concepts, labels = [], [], []
     batches = loader(dataset, batch_size)
-    for step, batch in enumerate(tqdm(batches, desc="caching features", disable=not progress, leave=False)):
-        features.append(model.features(batch["image"]).cpu())
-        concepts.append(batch["concepts"])
-        labels.append(batch["label"])
-        image_size = tuple(batch["image"].shape[-2:])
-        if on_progress is not None:
-            on_progress((step + 1) / len(batches))
-    model.train(was_training)
+    with evaluating(model, autograd=torch.no_grad):  # the cache feeds stages 2 and 3: no inference tensors
+        for step, batch in enumerate(tqdm(batches, desc="caching features", disable=not progress, leave=False)):
+            features.append(model.features(batch["image"]).cpu())
+            concepts.append(batch["concepts"])
+            labels.append(batch["label"])
+            image_size = tuple(batch["image"].shape[-2:])
+            if on_progress is not None:
+                on_progress((step + 1) / len(batches))
     return FeatureCache(torch.cat(features), torch.cat(concepts), torch.cat(labels), image_size)
 
 
@@ -164,15 +162,14 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
     return history
 
 
-@torch.no_grad()
 def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> float:
     """Mean over concepts of the ROC AUC of the concept logits (concepts with one class skipped)."""
-    model.eval()
     logits, truth = [], []
-    for batch in loader(dataset, batch_size):
-        features = model.features(batch["image"])
-        logits.append(model.pool_concepts(model.concept_head(features)).cpu())
-        truth.append(batch["concepts"])
+    with evaluating(model):
+        for batch in loader(dataset, batch_size):
+            features = model.features(batch["image"])
+            logits.append(model.pool_concepts(model.concept_head(features)).cpu())
+            truth.append(batch["concepts"])
     logits, truth = torch.cat(logits).numpy(), torch.cat(truth).numpy()
     aucs = [roc_auc_score(truth[:, k], logits[:, k]) for k in range(truth.shape[1]) if 0 < truth[:, k].sum() < len(truth)]
     return float(np.mean(aucs)) if aucs else float("nan")

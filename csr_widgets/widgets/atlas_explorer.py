@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import traitlets
 
+from .._inference import evaluating, single_threaded
 from ..model import CSRModel, Encoding
 from . import render
-from .explorer import single_threaded
 from .image import model_input, read_image
 
 MASK_FORMAT = "csr_widgets.prototype_mask/1"
@@ -184,13 +184,8 @@ class AtlasExplorer(widgets.VBox):
             images.append(model_input(read_image(image), self.model.config.in_channels, size)[0])
             labels.append(label)
             concepts.append(concept)
-        was_training = self.model.training
-        self.model.eval()  # batch norm must use its running statistics here
-        try:
-            with torch.inference_mode():
-                encoding = self.model.encode(torch.stack(images).to(self.model.device))
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model):  # batch norm must use its running statistics here
+            encoding = self.model.encode(torch.stack(images).to(self.model.device))
         return encoding, list(zip(labels, concepts))
 
     def _batches(self, dataset):

@@ -38,6 +38,7 @@ import traitlets
 from ipycanvas import Canvas, MultiCanvas
 from ipycanvas.canvas import COMMANDS
 
+from .._inference import evaluating, single_threaded
 from ..model import Box, CSRModel, Encoding, Reasoning
 from . import charts, render
 from .geometry import ViewGeometry
@@ -48,20 +49,6 @@ MODES = ("positive", "negative", "select")
 MIN_DRAG = 3.0  # canvas pixels: a shorter drag is a click (select), not a box
 RESULT_CACHE = 16  # recent results kept, so undo/redo answer without recomputing
 IMAGE, HEATMAP, BOXES, INTERACTION = range(4)  # MultiCanvas layers, bottom to top
-
-
-@contextmanager
-def single_threaded():
-    """Run tiny torch operations on one thread, restoring the thread count afterwards."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def put_rgba(canvas: Canvas, rgba: np.ndarray, x: int = 0, y: int = 0, compress_level: int = 1) -> None:
@@ -144,14 +131,9 @@ class CSRExplorer(widgets.VBox):
         self._image = image
 
         # Encode once: everything that does not depend on the user.
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                self.encoding: Encoding = model.encode(model_input(image, model.config.in_channels, input_size).to(model.device))
-                self.baseline: Reasoning = model.reason(self.encoding)
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            self.encoding: Encoding = model.encode(model_input(image, model.config.in_channels, input_size).to(model.device))
+            self.baseline: Reasoning = model.reason(self.encoding)
         self._lattice_grid, self._lattice_size = render.lattice(model.grid, self.geometry.model_size)
 
         initial = ExplorerState(self._checked_boxes(boxes), self._checked_rejected(rejected), self._checked_alpha(alpha))
