@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from csr_widgets import CSRConfig, CSRModel
 from csr_widgets.widgets import AtlasExplorer, CSRExplorer
-from csr_widgets.widgets.atlas_explorer import atlas_entry
+from csr_widgets.evaluation.atlas import atlas_entry
 
 K, M = 3, 4
 

@@ -4,10 +4,16 @@ Each prototype p_km is linked to the training image whose projected local concep
 v'_k is most similar to it (argmax of the cosine, among images where concept k is present),
 and to the location in that image where its similarity map peaks; the atlas keeps a crop
 there, so a clinician can see "this looks like that" and prune shortcut prototypes.
+
+Reading an atlas happens here only: ``Atlas.load`` reads a file (``load_atlas`` also
+finds a bundled model's), ``Atlas.entry(k, m)`` is one prototype's match as the widgets
+show it, ``Atlas.rows()`` every match as the shortcut detection reads it, and
+``atlas_entry`` reads the simpler atlases the widgets also accept.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -22,6 +28,24 @@ from .._tensor_files import read_tensors
 from ..model import CSRModel
 
 FORMAT = "csr_widgets.atlas/1"
+
+
+@dataclass(frozen=True, eq=False)
+class AtlasEntry:
+    """One prototype's best match in the training data, as the widgets show it.
+
+    crop:         (h, w), (h, w, 3) or (h, w, 4) uint8: the training-image patch (Eq. 11)
+    source_index: index of that image in the training dataset (None: not known)
+    location:     (x0, y0, x1, y1) of the crop in that image's pixels, x1/y1 exclusive
+    similarity:   the prototype's cosine similarity there (None: not known)
+    heatmap:      optional (h, w) float32 in [0, 1] aligned with the crop
+    """
+
+    crop: np.ndarray
+    source_index: int | None
+    location: tuple[float, float, float, float] | None
+    similarity: float | None
+    heatmap: np.ndarray | None = None
 
 
 @dataclass
@@ -54,6 +78,19 @@ class Atlas:
         k = self.concepts.index(concept) if isinstance(concept, str) else concept
         return self.crops[k, prototype].numpy()
 
+    def entry(self, k: int, m: int) -> AtlasEntry | None:
+        """Prototype (k, m)'s best match; None when concept k never appeared in the training data."""
+        index = int(self.image_index[k, m])
+        if index < 0:
+            return None
+        return _entry(self.crops[k, m].numpy(), index, self.crop_boxes[k, m].tolist(), float(self.similarity[k, m]), None)
+
+    def rows(self) -> list[tuple]:
+        """``(k, m, image_index, x, y)`` for every prototype with a match: the training image
+        it is linked to and the pixel (x, y) where its map peaks in that image."""
+        index, location = self.image_index.cpu().numpy(), self.location.cpu().numpy()
+        return [(k, m, index[k, m], *location[k, m]) for k, m in zip(*np.nonzero(index >= 0))]
+
     def save(self, path) -> Path:
         path = Path(path)
         tensors = {f.name: getattr(self, f.name).contiguous() for f in fields(self) if f.name != "concepts"}
@@ -62,6 +99,7 @@ class Atlas:
 
     @classmethod
     def load(cls, path) -> "Atlas":
+        """Read an atlas file written by ``save`` (``load_atlas`` also takes a bundled model's name)."""
         tensors, metadata = read_tensors(path, "atlas")
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a csr_widgets atlas (format {metadata.get('format')!r}).")
@@ -152,3 +190,39 @@ def load_atlas(name_or_path) -> Atlas:
     if isinstance(name_or_path, str) and name_or_path in RECIPES:
         return Atlas.load(bundled_path(name_or_path).with_suffix(".atlas.safetensors"))
     return Atlas.load(name_or_path)
+
+
+def atlas_entry(atlas, k: int, m: int) -> AtlasEntry | None:
+    """Prototype (k, m)'s entry in any atlas the widgets accept; None when it has none.
+
+    atlas: an ``Atlas``; or any object whose ``atlas.entry(k, m)`` or ``atlas[k, m]`` is
+    None or an object or mapping with the fields of ``AtlasEntry`` (crop required);
+    or None (no atlas).
+    """
+    if atlas is None:
+        return None
+    try:
+        entry = atlas.entry(k, m) if hasattr(atlas, "entry") else atlas[k, m]
+    except (KeyError, IndexError):
+        return None
+    if entry is None or isinstance(entry, AtlasEntry):
+        return entry
+
+    def field(name):
+        return entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
+
+    if field("crop") is None:
+        raise ValueError(f"Atlas entry ({k}, {m}) has no crop: an entry needs crop, source_index, location, similarity.")
+    return _entry(field("crop"), field("source_index"), field("location"), field("similarity"), field("heatmap"))
+
+
+def _entry(crop, source_index, location, similarity, heatmap) -> AtlasEntry:
+    """An AtlasEntry from loosely typed values (arrays, tensors' items, sequences)."""
+    similarity = None if similarity is None or not np.isfinite(float(similarity)) else float(similarity)
+    return AtlasEntry(
+        crop=np.asarray(crop),
+        source_index=None if source_index is None else int(source_index),
+        location=None if location is None else tuple(float(v) for v in np.asarray(location).reshape(-1)[:4]),
+        similarity=similarity,
+        heatmap=None if heatmap is None else np.asarray(heatmap, dtype=np.float32),
+    )

@@ -35,6 +35,7 @@ from .._batching import iterate_batches
 from .._inference import evaluating
 from ..model.grid import FeatureGrid
 from . import metrics
+from .atlas import Atlas
 from .report import classification_summary, evaluate, pointing_summary
 
 
@@ -91,9 +92,8 @@ def shortcut_prototype_rates(model, dataset, tolerance: float = 0, batch_size: i
 
 def _atlas_rows(atlas) -> list[tuple]:
     """Rows (k, m, image_index, x, y) from an Atlas, a mapping or an iterable of rows."""
-    if hasattr(atlas, "image_index") and hasattr(atlas, "location"):  # csr_widgets.evaluation.atlas.Atlas
-        index, location = atlas.image_index.cpu().numpy(), atlas.location.cpu().numpy()
-        return [(k, m, index[k, m], *location[k, m]) for k, m in zip(*np.nonzero(index >= 0))]
+    if isinstance(atlas, Atlas):
+        return atlas.rows()
     if isinstance(atlas, Mapping):
         return [(k, m, *where) for (k, m), where in atlas.items()]
     return list(atlas)
@@ -138,7 +138,7 @@ def off_target_prototypes(atlas, dataset, tolerance: float = 0) -> torch.Tensor:
     atlas was built on.
     """
     concepts = list(getattr(atlas, "concepts", None) or dataset.concepts)
-    shape = tuple(atlas.image_index.shape) if hasattr(atlas, "image_index") else None
+    shape = atlas.shape if isinstance(atlas, Atlas) else None
     rows = _atlas_rows(atlas)
     if shape is None:
         shape = (len(concepts), max(int(m) for _, m, *_ in rows) + 1) if rows else (len(concepts), 0)

@@ -1,21 +1,14 @@
 """AtlasExplorer: browse, prune and refit the prototypes of a CSR model (DESIGN section 3).
 
-The atlas interface (duck-typed; anything with one of these shapes works)
---------------------------------------------------------------------------
-Per prototype (k, m), either
-
-1. entries: ``atlas.entry(k, m)`` or ``atlas[k, m]`` returns None (no entry) or an object
-   or mapping with
-   - ``crop``: uint8 array (h, w), (h, w, 3) or (h, w, 4): the training-image patch most
-     similar to the prototype (Eq. 11, argmax for cosine);
-   - ``source_index``: int, index of that image in the training dataset;
-   - ``location``: (x0, y0, x1, y1), where the crop lies in that image's pixels
-     (x1/y1 exclusive);
-   - ``similarity``: float, the prototype's cosine similarity there;
-   - optional ``heatmap``: float array (h, w) in [0, 1] aligned with the crop;
-2. or columns, as ``csr_widgets.evaluation.atlas.Atlas`` stores them: ``crops`` (K, M, h, w[, 3])
-   uint8, ``image_index`` (K, M) (-1: no entry), ``crop_boxes`` (K, M, 4), ``similarity``
-   (K, M).
+The atlas
+---------
+A ``csr_widgets.evaluation.atlas.Atlas`` (``load_atlas``, ``build_atlas``), or any
+object whose ``atlas[k, m]`` returns None (no entry) or an object or mapping with the
+fields of ``AtlasEntry``: ``crop`` (uint8 (h, w), (h, w, 3) or (h, w, 4), the
+training-image patch most similar to prototype (k, m), Eq. 11), ``source_index`` (the
+image's index in the training dataset), ``location`` ((x0, y0, x1, y1) of the crop in that
+image, x1/y1 exclusive), ``similarity`` and an optional ``heatmap`` ((h, w) in [0, 1]).
+``csr_widgets.evaluation.atlas.atlas_entry`` reads both.
 
 Optionally ``atlas.usage``: (K, M) counts of how often each prototype is the best of its
 concept; when a dataset is given the explorer counts this itself. Without a ``heatmap``,
@@ -36,7 +29,6 @@ import inspect
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import SimpleNamespace
 
 import ipywidgets as widgets
 import numpy as np
@@ -50,54 +42,6 @@ from .image import model_input, read_image
 
 MASK_FORMAT = "csr_widgets.prototype_mask/1"
 SORTS = ("usage", "weight", "index")
-
-
-def atlas_entry(atlas, k: int, m: int):
-    """The atlas entry of prototype (k, m) as a namespace with crop, source_index,
-    location, similarity, heatmap (None when absent); None when the atlas has none."""
-    if atlas is None:
-        return None
-    if not hasattr(atlas, "entry") and hasattr(atlas, "crops"):
-        return _column_entry(atlas, k, m)
-    try:
-        entry = atlas.entry(k, m) if hasattr(atlas, "entry") else atlas[k, m]
-    except (KeyError, IndexError):
-        return None
-    if entry is None:
-        return None
-
-    def field(name, default=None):
-        if isinstance(entry, Mapping):
-            return entry.get(name, default)
-        return getattr(entry, name, default)
-
-    crop = field("crop")
-    if crop is None:
-        raise ValueError(f"Atlas entry ({k}, {m}) has no crop: an entry needs crop, source_index, location, similarity.")
-    return _entry(crop, field("source_index"), field("location"), field("similarity"), field("heatmap"))
-
-
-def _column_entry(atlas, k: int, m: int):
-    def column(name):
-        values = getattr(atlas, name, None)
-        return None if values is None else np.asarray(values[k][m])
-
-    source = column("image_index")
-    if source is not None and int(source) < 0:
-        return None  # the concept never appeared in the training data
-    location = column("crop_boxes")
-    return _entry(column("crops"), source, location, column("similarity"), None)
-
-
-def _entry(crop, source_index, location, similarity, heatmap):
-    similarity = None if similarity is None or not np.isfinite(float(similarity)) else float(similarity)
-    return SimpleNamespace(
-        crop=np.asarray(crop),
-        source_index=None if source_index is None else int(source_index),
-        location=None if location is None else tuple(float(v) for v in np.asarray(location).reshape(-1)[:4]),
-        similarity=similarity,
-        heatmap=None if heatmap is None else np.asarray(heatmap, dtype=np.float32),
-    )
 
 
 def item_fields(item) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
@@ -157,6 +101,10 @@ class AtlasExplorer(widgets.VBox):
         self._source_maps: dict[int, torch.Tensor] = {}  # source image -> (K, M, h, w) S
         self._source_sizes: dict[int, tuple[int, int]] = {}
         self._validation_encodings: list[tuple[Encoding, np.ndarray]] | None = None
+        from ..evaluation.atlas import atlas_entry  # here, not on import: evaluation brings pandas, scikit-learn
+
+        K, M = model.config.num_concepts, model.config.prototypes_per_concept
+        self._entries = {(k, m): atlas_entry(atlas, k, m) for k in range(K) for m in range(M)}  # None: no entry
 
         self.usage = self._usage_counts()  # (K, M) int or None
         self._build(sort, columns)
@@ -366,7 +314,7 @@ class AtlasExplorer(widgets.VBox):
         self._arrange()
 
     def _tile(self, k: int, m: int) -> widgets.VBox:
-        entry = atlas_entry(self.atlas, k, m)
+        entry = self._entries[k, m]
         image = widgets.Image(format="png", layout=widgets.Layout(width=f"{self.tile_size}px", height=f"{self.tile_size}px"))
         if entry is not None:
             image.value = render.encode_png(self._tile_rgba(k, m, entry))
@@ -381,7 +329,7 @@ class AtlasExplorer(widgets.VBox):
 
     def _caption(self, k: int, m: int, entry=None, weights: np.ndarray | None = None) -> None:
         if entry is None:
-            entry = atlas_entry(self.atlas, k, m)
+            entry = self._entries[k, m]
         weights = self.weights() if weights is None else weights
         usage = "&ndash;" if self.usage is None else str(int(self.usage[k, m]))
         similarity = "" if entry is None or entry.similarity is None else f" &middot; sim {entry.similarity:.2f}"
@@ -421,9 +369,7 @@ class AtlasExplorer(widgets.VBox):
         return pixels[max(top, 0) : bottom, max(left, 0) : right]
 
     def _source_indices(self) -> set[int]:
-        K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
-        entries = (atlas_entry(self.atlas, k, m) for k in range(K) for m in range(M))
-        return {e.source_index for e in entries if e is not None and e.source_index is not None}
+        return {e.source_index for e in self._entries.values() if e is not None and e.source_index is not None}
 
     def _keep_source(self, index: int, item, maps: torch.Tensor) -> None:
         self._source_maps[index] = maps.cpu()

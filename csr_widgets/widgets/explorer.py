@@ -661,7 +661,7 @@ class CSRExplorer(widgets.VBox):
                     self._concept_crops[name].value = png
 
     def _crop_png(self, k: int, m: int) -> bytes | None:
-        from .atlas_explorer import atlas_entry
+        from ..evaluation.atlas import atlas_entry  # on first use: evaluation brings pandas, scikit-learn
 
         if (k, m) not in self._crop_cache:
             entry = atlas_entry(self.atlas, k, m)
