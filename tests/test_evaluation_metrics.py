@@ -51,6 +51,9 @@ def test_concept_auc_by_hand_with_single_class_and_unknown_labels():
     assert np.isnan(auc[1])
     # concept 2: the unknown row is left out; 0.9 beats 0.2, loses to 0.95 -> 0.5
     assert auc[2] == pytest.approx(0.5)
+    # the mean over concepts (training's stage-1 score, Table 1's "concept AUC") leaves concept 1 out
+    assert metrics.mean_auc(auc) == pytest.approx(0.625)
+    assert np.isnan(metrics.mean_auc([np.nan, np.nan]))
 
 
 # --------------------------------------------------------------------------- boxes and points

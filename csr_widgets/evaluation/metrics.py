@@ -111,6 +111,13 @@ def concept_auc(concepts, scores) -> np.ndarray:
     return aucs
 
 
+def mean_auc(aucs) -> float:
+    """Mean of per-concept AUCs (``concept_auc``), leaving out concepts without one; NaN
+    when no concept has one."""
+    aucs = _numpy(aucs).astype(float)
+    return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+
 # --------------------------------------------------------------------------- saliency
 def concept_saliency(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
                      prototype_mask: torch.Tensor | None = None) -> torch.Tensor:

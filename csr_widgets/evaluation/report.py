@@ -141,8 +141,7 @@ def classification_summary(frame: pd.DataFrame) -> pd.Series:
     }
     for name, f1 in zip(classes, metrics.per_class_f1(labels, predictions, len(classes))):
         summary[f"f1/{name}"] = f1
-    aucs = concept_auc_summary(frame)
-    summary["concept_auc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else np.nan
+    summary["concept_auc"] = metrics.mean_auc(concept_auc_summary(frame))
     summary["review_rate"] = float(frame["needs_review"].mean())
     return pd.Series(summary)
 

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from sklearn.metrics import f1_score, roc_auc_score
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from .._batching import collate
 from .._inference import evaluating
 from .._tensor_files import read_tensors
+from ..evaluation import metrics
 from ..model import CSRModel
 from ..model.checkpoint import load_weights
 from .losses import concept_loss, concept_similarities, local_concept_vectors, pixel_loss, prototype_loss
@@ -163,16 +163,15 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
 
 
 def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> float:
-    """Mean over concepts of the ROC AUC of the concept logits (concepts with one class skipped)."""
+    """Mean over concepts of the ROC AUC of the concept logits (``metrics.concept_auc``,
+    the AUC the tables report; concepts with one class left out)."""
     logits, truth = [], []
     with evaluating(model):
         for batch in loader(dataset, batch_size):
             features = model.features(batch["image"])
             logits.append(model.pool_concepts(model.concept_head(features)).cpu())
             truth.append(batch["concepts"])
-    logits, truth = torch.cat(logits).numpy(), torch.cat(truth).numpy()
-    aucs = [roc_auc_score(truth[:, k], logits[:, k]) for k in range(truth.shape[1]) if 0 < truth[:, k].sum() < len(truth)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    return metrics.mean_auc(metrics.concept_auc(torch.cat(truth), torch.cat(logits)))
 
 
 # ------------------------------------------------------------------ stage 2
@@ -342,8 +341,9 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
 
 @torch.no_grad()
 def _macro_f1(model: CSRModel, scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Validation macro F1 of H on cached scores: ``metrics.macro_f1``, the F1 the tables report."""
     _, logits = model.classify(scores.to(model.device))
-    return float(f1_score(labels.numpy(), logits.argmax(-1).cpu().numpy(), average="macro", labels=range(len(model.classes)), zero_division=0))
+    return metrics.macro_f1(labels, logits.argmax(-1))
 
 
 def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 60, seed: int = 0, progress: bool = True,

@@ -171,13 +171,14 @@ class AtlasExplorer(widgets.VBox):
         return counts
 
     def validation_f1(self) -> float | None:
-        """Macro F1 of the model as it is now on the validation items (None without them).
+        """Macro F1 (``metrics.macro_f1``, Table 1's) of the model as it is now on the
+        validation items (None without them).
 
         Images are encoded once; pruning and refitting only change ``reason``.
         """
         if self.validation is None:
             return None
-        from sklearn.metrics import f1_score
+        from ..evaluation.metrics import macro_f1  # here, not on import: scikit-learn
 
         if self._validation_encodings is None:
             self._validation_encodings = []
@@ -189,7 +190,7 @@ class AtlasExplorer(widgets.VBox):
             for encoding, labels in self._validation_encodings:
                 predicted.append(self.model.reason(encoding).prediction.cpu().numpy())
                 truth.append(labels)
-        return float(f1_score(np.concatenate(truth), np.concatenate(predicted), average="macro", labels=list(range(len(self.model.classes))), zero_division=0))
+        return macro_f1(np.concatenate(truth), np.concatenate(predicted))
 
     # ------------------------------------------------------------------ mask
     def set_pruned(self, concept: str | int, prototype: int, pruned: bool = True) -> None:
