@@ -43,6 +43,12 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader of ``collate``d batches; with ``shuffle``, an order that follows ``seed`` only."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
 @dataclass
 class Batch:
     """One collated batch in the model's concept and class order.

@@ -11,7 +11,8 @@ from csr_widgets import CSRConfig, CSRModel
 from csr_widgets.evaluation.atlas import Atlas, build_atlas
 from csr_widgets.training import STAGES, TrainingPlan, set_stage, train
 from csr_widgets.training.losses import local_concept_vectors, prototype_loss
-from csr_widgets.training.loop import _reseed, cache_features, refit_task_head, train_prototypes
+from csr_widgets.training.features import cache_features
+from csr_widgets.training.fitting import _reseed, refit_task_head, train_prototypes
 
 
 class Squares(Dataset):
@@ -196,7 +197,7 @@ def test_atlas_links_each_prototype_to_its_best_match_and_round_trips(tmp_path):
     atlas = build_atlas(model, data, crop_size=16, progress=False)
     assert atlas.shape == (2, 3) and atlas.crops.shape == (2, 3, 16, 16)
     # Eq. 11 by brute force: best cosine among the vectors of each prototype's concept
-    from csr_widgets.training.loop import concept_vectors
+    from csr_widgets.training.features import concept_vectors
 
     vectors, concepts, images = concept_vectors(model, cache_features(model, data, progress=False))
     with torch.no_grad():

@@ -126,7 +126,7 @@ def build_atlas(model: CSRModel, dataset: Dataset, crop_size: int = 64, crop_fra
 
 
 def _match(model: CSRModel, dataset: Dataset, crop_size: int, crop_fraction: float, progress: bool) -> Atlas:
-    from ..training.loop import cache_features, concept_vectors
+    from ..training.features import cache_features, concept_vectors
 
     cache = cache_features(model, dataset, progress=progress)
     vectors, concepts, images = concept_vectors(model, cache)

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 STAGES: dict[int, tuple[str, tuple[str, ...]]] = {
@@ -17,6 +19,22 @@ STAGES: dict[int, tuple[str, tuple[str, ...]]] = {
     2: ("prototypes", ("projector", "prototypes")),
     3: ("task", ("task_head",)),
 }
+
+
+@dataclass
+class TrainingPlan:
+    """How long and how fast each stage trains."""
+
+    concept_epochs: int = 15  # stage 1 epochs over the training images
+    prototype_epochs: int = 30  # stage 2 epochs over the local concept vectors
+    task_epochs: int = 60  # stage 3 epochs over the cached scores
+    batch_size: int = 32  # images per stage-1 step
+    vector_batch_size: int = 256  # local concept vectors per stage-2 step
+    concept_lr: float = 1e-3  # AdamW, cosine decay, stage 1
+    prototype_lr: float = 1e-3  # AdamW, stage 2
+    task_lr: float = 1e-2  # AdamW, stage 3
+    weight_decay: float = 1e-4  # on weights; never on prototypes, norms or biases
+    seed: int = 0  # everything random in training follows from it
 
 
 def trainable_parts(stage: int) -> tuple[str, ...]:

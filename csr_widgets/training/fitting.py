@@ -1,0 +1,310 @@
+"""Fitting each stage (the table of what each trains is in stages.py).
+
+One function per stage: ``train_concepts`` (stage 1, on images), ``train_prototypes``
+(stage 2, on cached local concept vectors), ``train_task_head`` (stage 3, on cached
+scores), and ``refit_task_head`` (stage 3 again, after pruning). Each ends on its best
+validation epoch (``BestEpoch``) in eval mode.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .._batching import loader
+from .._inference import evaluating
+from ..evaluation import metrics
+from ..model import CSRModel
+from .features import FeatureCache, cache_features, cached_scores, concept_vectors
+from .losses import concept_loss, pixel_loss, prototype_loss
+from .run_folder import load_progress, save_progress
+from .stages import TrainingPlan, set_stage, trainable_parts
+
+
+class BestEpoch:
+    """The best epoch of one stage so far: its validation score and the stage's trainable
+    tensors then. ``restore`` is how every stage ends."""
+
+    def __init__(self, model: CSRModel, stage: int, higher_is_better: bool = True):
+        self.model, self.stage, self.higher_is_better = model, stage, higher_is_better
+        self.score = -math.inf if higher_is_better else math.inf
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, score: float) -> None:
+        """Keep the current tensors if ``score`` beats the best so far (NaN never does)."""
+        if score > self.score if self.higher_is_better else score < self.score:
+            self.record(score)
+
+    def record(self, score: float) -> None:
+        """Keep the current tensors as the best, with ``score`` (a resumed stage's best)."""
+        self.score, self.state = score, _trainable_state(self.model, self.stage)
+
+    def restore(self) -> None:
+        """End the stage: the best epoch's tensors back (when an epoch scored), eval mode."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state, strict=False)
+        self.model.eval()
+
+
+# ------------------------------------------------------------------ stage 1
+def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None, plan: TrainingPlan, progress: bool = True, resume_from: Path | None = None) -> list[dict]:
+    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC."""
+    params = set_stage(model, 1)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.concept_lr)
+    steps = plan.concept_epochs * math.ceil(len(train_set) / plan.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=max(steps, 1), pct_start=0.1)
+    history, best, start_epoch = [], BestEpoch(model, 1), 0
+    if resume_from is not None and resume_from.is_file():
+        start_epoch, best_score = load_progress(resume_from, model, optimizer, schedule)
+        best.record(best_score)  # with the weights saved after the last epoch
+    bar = tqdm(range(start_epoch, plan.concept_epochs), desc="stage 1: concepts", disable=not progress)
+    for epoch in bar:
+        set_stage(model, 1)
+        losses = []
+        for batch in loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch):
+            features = model.features(batch["image"])
+            logits = model.pool_concepts(model.concept_head(features))
+            loss = concept_loss(logits, batch["concepts"].to(model.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        score = concept_auc(model, val_set) if val_set is not None else -float(np.mean(losses))
+        best.offer(score)
+        history.append({"stage": 1, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_concept_auc": score if val_set is not None else None})
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auc=f"{score:.4f}")
+        if resume_from is not None:
+            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score)
+    best.restore()
+    return history
+
+
+def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> float:
+    """Mean over concepts of the ROC AUC of the concept logits (``metrics.concept_auc``,
+    the AUC the tables report; concepts with one class left out)."""
+    logits, truth = [], []
+    with evaluating(model):
+        for batch in loader(dataset, batch_size):
+            features = model.features(batch["image"])
+            logits.append(model.pool_concepts(model.concept_head(features)).cpu())
+            truth.append(batch["concepts"])
+    return metrics.mean_auc(metrics.concept_auc(torch.cat(truth), torch.cat(logits)))
+
+
+# ------------------------------------------------------------------ stage 2
+def train_prototypes(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True) -> list[dict]:
+    """Stage 2: P and p with the SoftTriple loss on projected local concept vectors.
+
+    Prototypes start as projected concept vectors of their own concept; a prototype that
+    no vector of its concept chose during an epoch is re-seeded on one (with gamma = 1000
+    most prototypes die otherwise: docs/decisions.md#prototype-reseeding).
+    """
+    config = model.config
+    generator = torch.Generator().manual_seed(plan.seed)
+    vectors, concepts, images = concept_vectors(model, train)
+    if len(vectors) == 0:
+        raise ValueError("No training image has any concept present: stage 2 has nothing to learn from.")
+    val_vectors = concept_vectors(model, val)[:2] if val is not None else None
+    params = set_stage(model, 2)
+    device = model.device
+    with torch.no_grad():
+        _reseed(model, torch.ones_like(model.prototype_mask), vectors, concepts, generator)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.prototype_lr)
+    history, best = [], BestEpoch(model, 2, higher_is_better=False)
+    bar = tqdm(range(plan.prototype_epochs), desc="stage 2: prototypes", disable=not progress)
+    for epoch in bar:
+        set_stage(model, 2)
+        usage = torch.zeros_like(model.prototypes[..., 0], dtype=torch.long, device="cpu")
+        order = torch.randperm(len(vectors), generator=generator)
+        losses = []
+        for start in range(0, len(order), plan.vector_batch_size):
+            rows = order[start : start + plan.vector_batch_size]
+            projected = model.projector(vectors[rows].to(device))
+            prototypes = F.normalize(model.prototypes, dim=-1)
+            loss = prototype_loss(projected, concepts[rows].to(device), prototypes, config.lambda_, config.gamma, config.delta)
+            if config.pixel_loss_weight > 0:
+                frames = images[rows].unique()
+                maps = model.similarity(model.project(train.features[frames].to(device)))
+                loss = loss + config.pixel_loss_weight * pixel_loss(maps, train.concepts[frames].to(device), config.lambda_)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            with torch.no_grad():
+                usage += _assignments(projected, concepts[rows].to(device), prototypes).cpu()
+        in_use = int((usage > 0).sum())
+        with torch.no_grad():
+            _reseed(model, usage == 0, vectors, concepts, generator)
+        val_loss = _prototype_val_loss(model, val_vectors) if val_vectors is not None else float(np.mean(losses))
+        best.offer(val_loss)
+        history.append({"stage": 2, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "prototypes_in_use": in_use})
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val=f"{val_loss:.4f}", in_use=f"{in_use}/{usage.numel()}")
+    best.restore()
+    return history
+
+
+def _assignments(projected: torch.Tensor, concepts: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(K, M) how many vectors chose each prototype of their own concept (argmax of q)."""
+    own = torch.einsum("vd,vmd->vm", projected, prototypes[concepts])
+    counts = torch.zeros(prototypes.shape[:2], dtype=torch.long, device=projected.device)
+    counts.index_put_((concepts, own.argmax(-1)), torch.ones_like(concepts), accumulate=True)
+    return counts
+
+
+def _reseed(model: CSRModel, dead: torch.Tensor, vectors: torch.Tensor, concepts: torch.Tensor, generator: torch.Generator) -> int:
+    """Put each dead prototype (K, M) on the projection of a random vector of its concept."""
+    slots = dead.cpu().nonzero()  # (R, 2): concept, prototype
+    if len(slots) == 0:
+        return 0
+    pools = (concepts[None, :] == slots[:, :1]).float()  # (R, V): vectors of each slot's concept
+    has_pool = pools.sum(1) > 0
+    slots, pools = slots[has_pool], pools[has_pool]
+    if len(slots) == 0:
+        return 0
+    chosen = torch.multinomial(pools, 1, generator=generator).squeeze(1)
+    projected = model.projector(vectors[chosen].to(model.device))
+    noise = 0.01 * torch.randn(projected.shape, generator=generator).to(projected)
+    model.prototypes[slots[:, 0], slots[:, 1]] = F.normalize(projected + noise, dim=-1)
+    return len(slots)
+
+
+@torch.no_grad()
+def _prototype_val_loss(model: CSRModel, val_vectors) -> float:
+    vectors, concepts = val_vectors
+    if len(vectors) == 0:
+        return float("nan")
+    config = model.config
+    projected = model.projector(vectors.to(model.device))
+    return prototype_loss(projected, concepts.to(model.device), F.normalize(model.prototypes, dim=-1), config.lambda_, config.gamma, config.delta).item()
+
+
+# ------------------------------------------------------------------ stage 3
+@torch.no_grad()
+def calibrate_task_head(model: CSRModel, scores: torch.Tensor, concepts: torch.Tensor) -> None:
+    """At the start of stage 3: the scores' per-prototype mean/std and absent baselines.
+
+    scores (n, K, M), concepts (n, K). A concept present in every image has no absent
+    images; its baseline falls back to its lowest observed scores' mean (the 10% least).
+    """
+    head = model.task_head
+    head.score_mean.copy_(scores.mean(0))
+    head.score_std.copy_(scores.std(0).clamp(min=1e-4) if len(scores) > 1 else torch.ones_like(head.score_std))
+    absent = (concepts == 0).float()  # (n, K)
+    counts = absent.sum(0)  # (K,)
+    baseline = torch.einsum("nk,nkm->km", absent, scores) / counts.clamp(min=1)[:, None]
+    low = scores.quantile(0.1, dim=0)
+    model.absent_baseline.copy_(torch.where(counts[:, None] > 0, baseline, low))
+
+
+def calibrate_novelty(model: CSRModel, train: Dataset | FeatureCache, val: Dataset | FeatureCache | None = None,
+                      quantile: float = 0.99, progress: bool = True) -> float:
+    """Measure the out-of-distribution statistics of a model whose backbone is trained
+    (``model.novelty``, see model/novelty.py): a Gaussian of the training images' pooled
+    features, and the threshold at ``quantile`` of the validation images' distances.
+    Takes datasets or feature caches; returns the threshold. Training does this when
+    stage 3 starts; call it for a model saved without them, then save it again.
+    """
+    caches = [d if d is None or isinstance(d, FeatureCache) else cache_features(model, d, progress=progress) for d in (train, val)]
+    model.novelty.fit(caches[0].features, None if caches[1] is None else caches[1].features, quantile)
+    return float(model.novelty.threshold)
+
+
+def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True,
+                    on_progress: Callable[[float], None] | None = None) -> list[dict]:
+    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours).
+    ``on_progress(fraction)`` after each epoch (e.g. a widget's progress bar)."""
+    generator = torch.Generator().manual_seed(plan.seed + 3)
+    scores = cached_scores(model, train)
+    calibrate_task_head(model, scores, train.concepts)
+    calibrate_novelty(model, train, val)  # F is frozen from here on: its statistics are final
+    val_scores = cached_scores(model, val) if val is not None else None
+    params = set_stage(model, 3)
+    with torch.no_grad():
+        model.task_head.linear.reset_parameters()
+    optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.task_lr)
+    device, dropout = model.device, model.config.concept_dropout
+    labels = train.labels
+    history, best = [], BestEpoch(model, 3)
+    bar = tqdm(range(plan.task_epochs), desc="stage 3: task head", disable=not progress)
+    for epoch in bar:
+        order = torch.randperm(len(scores), generator=generator)
+        losses = []
+        for start in range(0, len(order), 64):
+            rows = order[start : start + 64]
+            batch = scores[rows]
+            dropped = torch.rand(batch.shape[:2], generator=generator) < dropout  # (B, K)
+            batch = torch.where(dropped[..., None], model.absent_baseline.cpu(), batch)
+            _, logits = model.classify(batch.to(device))
+            loss = F.cross_entropy(logits, labels[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        score = _macro_f1(model, val_scores, val.labels) if val is not None else _macro_f1(model, scores, labels)
+        best.offer(score)
+        history.append({"stage": 3, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_macro_f1": score})
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_f1=f"{score:.4f}")
+        if on_progress is not None:
+            on_progress((epoch + 1) / plan.task_epochs)
+    best.restore()
+    return history
+
+
+@torch.no_grad()
+def _macro_f1(model: CSRModel, scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Validation macro F1 of H on cached scores: ``metrics.macro_f1``, the F1 the tables report."""
+    _, logits = model.classify(scores.to(model.device))
+    return metrics.macro_f1(labels, logits.argmax(-1))
+
+
+def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 60, seed: int = 0, progress: bool = True,
+                    on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
+    """Refit H after pruning prototypes (``model.prototype_mask``) or on new data.
+
+    Stage 3 again: standardisation and baselines re-measured, H trained from scratch on the
+    current masks. Takes datasets or feature caches (faster when called repeatedly).
+    ``on_progress(fraction)``: called as the work advances, fraction in [0, 1] (caching
+    the features, when datasets are given, counts as the first half).
+    """
+    to_cache = [d for d in (dataset, val_set) if d is not None and not isinstance(d, FeatureCache)]
+    share = 0.5 / len(to_cache) if to_cache else 0.0
+    done = 0.0
+
+    def report(start: float, width: float):
+        return None if on_progress is None else (lambda fraction: on_progress(start + width * fraction))
+
+    caches = []
+    for d in (dataset, val_set):
+        if d is not None and not isinstance(d, FeatureCache):
+            d = cache_features(model, d, progress=progress, on_progress=report(done, share))
+            done += share
+        caches.append(d)
+    history = train_task_head(model, caches[0], caches[1], TrainingPlan(task_epochs=epochs, seed=seed), progress,
+                              on_progress=report(done, 1.0 - done))
+    return pd.DataFrame(history)
+
+
+# ------------------------------------------------------------------ helpers
+def _param_groups(model: CSRModel, params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: never on prototypes (they live on the unit
+    sphere, decay would pull them to 0), norms or biases."""
+    trainable = {id(p) for p in params}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            continue
+        (no_decay if name == "prototypes" or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _trainable_state(model: CSRModel, stage: int) -> dict[str, torch.Tensor]:
+    parts = trainable_parts(stage)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".")[0] in parts}
