@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import AnnotatedImages, Box, Record, csv_line, read_csv, require_columns
+from .records import AnnotatedImages, GroundTruthBox, Record, csv_line, read_csv, require_columns
 
 
 class ConceptCSV(AnnotatedImages):
@@ -95,4 +95,4 @@ def _attach_boxes(csv: Path, by_path: dict[str, Record], concepts: list[str]) ->
             coords = [float(v) for v in (row.x0, row.y0, row.x1, row.y1)]
         except (TypeError, ValueError):
             raise ValueError(f"{where}: box coordinates are not numbers") from None
-        record.boxes.append(Box(row.concept, *coords, source=where))
+        record.boxes.append(GroundTruthBox(row.concept, *coords, source=where))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .pixels import read_image
-from .records import AnnotatedImages, Box, Record, csv_line, read_csv, require_columns
+from .records import AnnotatedImages, GroundTruthBox, Record, csv_line, read_csv, require_columns
 
 ISIC_ATTRIBUTES = ("globules", "milia_like_cyst", "negative_network", "pigment_network", "streaks")
 ISIC_SPLITS = {"train": "Training", "val": "Validation", "test": "Test"}
@@ -76,7 +76,7 @@ class ISIC2018(AnnotatedImages):
             rows, cols = torch.nonzero(mask.any(dim=1)), torch.nonzero(mask.any(dim=0))
             if len(rows):
                 x0, y0, x1, y1 = float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
-                boxes.append(Box(attribute, x0, y0, x1, y1, source=str(path)))
+                boxes.append(GroundTruthBox(attribute, x0, y0, x1, y1, source=str(path)))
         concepts = masks.flatten(1).any(dim=1).numpy().astype(np.float32)
         return concepts, boxes, masks if self.return_masks else None
 

@@ -29,7 +29,10 @@ BOX_TOLERANCE = 0.5
 
 
 @dataclass
-class Box:
+class GroundTruthBox:
+    """A finding's box as an annotation file gives it, in the file image's pixels (x1/y1
+    exclusive). Not ``csr_widgets.Box``, which is what a user draws to talk to the model."""
+
     concept: str
     x0: float
     y0: float
@@ -44,7 +47,7 @@ class Record:
     path: Path
     concepts: np.ndarray  # (K,) float32 0/1
     label: int
-    boxes: list[Box] = field(default_factory=list)
+    boxes: list[GroundTruthBox] = field(default_factory=list)
     source: str = ""  # where the image was listed
     masks: list[Path] | None = None  # one mask file per concept, for formats that have them
 
@@ -130,14 +133,14 @@ class AnnotatedImages(Dataset):
             raise ValueError(f"{error}{where}") from None
         return to_channels(image, self.channels)
 
-    def annotations(self, record: Record, image: torch.Tensor) -> tuple[np.ndarray, list[Box], torch.Tensor | None]:
+    def annotations(self, record: Record, image: torch.Tensor) -> tuple[np.ndarray, list[GroundTruthBox], torch.Tensor | None]:
         """(concepts (K,), boxes, masks (K, H, W) bool or None) of a record; a hook for
         formats that read their annotations along with the image."""
         return record.concepts, record.boxes, None
 
 
-def check_box(box: Box, width: int, height: int, record: Record) -> tuple:
-    """A Box inside a (width, height) image -> (concept, x0, y0, x1, y1), or a ValueError
+def check_box(box: GroundTruthBox, width: int, height: int, record: Record) -> tuple:
+    """A GroundTruthBox inside a (width, height) image -> (concept, x0, y0, x1, y1), or a ValueError
     naming the image, the annotation's line and both sizes."""
     coords = np.array([box.x0, box.y0, box.x1, box.y1], float)
     limits = np.array([width, height, width, height], float)

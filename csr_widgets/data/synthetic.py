@@ -26,14 +26,14 @@ import torch
 from torch.utils.data import Dataset
 
 from . import exporters
-from .phantom import (
+from .film import rasterise
+from .scene import (
     CONCEPTS,
     DEFAULT_SPECS,
     SHORTCUTS,
     LesionSpec,
     Scene,
     heart_factor_for,
-    render,
     sample_anatomy,
     sample_lesions,
     sample_shortcut,
@@ -239,7 +239,7 @@ class SyntheticCXR(Dataset):
         rng = self.random_stream(index)
         header = self._sample_header(rng)
         scene = self._sample_scene(index, rng, header)
-        pixels, instances, shortcut_box = render(scene, self.image_size, rng)
+        pixels, instances, shortcut_box = rasterise(scene, self.image_size, rng)
         image = torch.from_numpy(pixels)[None]
         item = {
             "image": image.expand(3, -1, -1) if self.channels == 3 else image,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import AnnotatedImages, Box, Record, check_box
+from .records import AnnotatedImages, GroundTruthBox, Record, check_box
 
 TBX11K_CLASSES = ("healthy", "sick", "tb")
 _FOLDER_CLASS = {"health": 0, "sick": 1, "tb": 2}
@@ -58,7 +58,7 @@ class TBX11K(AnnotatedImages):
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
                 raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
             x, y, w, h = map(float, bbox)
-            boxes[ann["image_id"]].append(Box(names[ann["category_id"]], x, y, x + w, y + h, source=where))
+            boxes[ann["image_id"]].append(GroundTruthBox(names[ann["category_id"]], x, y, x + w, y + h, source=where))
         records = []
         for entry in coco["images"]:
             file_name = str(entry["file_name"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import AnnotatedImages, Box, Record, csv_line, read_csv, require_columns
+from .records import AnnotatedImages, GroundTruthBox, Record, csv_line, read_csv, require_columns
 
 KAGGLE_FINDINGS = (
     "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
@@ -98,7 +98,7 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 
 def _read_boxes(csv_path: Path, frame, concepts) -> dict[str, list[tuple[str, str, Box]]]:
-    """image_id -> [(rad_id, class_name, Box)] for the box rows; checks class names and coordinates."""
+    """image_id -> [(rad_id, class_name, GroundTruthBox)] for the box rows; checks class names and coordinates."""
     boxes = defaultdict(list)
     for index, row in zip(frame.index, frame.itertuples(index=False)):
         where = f"{csv_path.name} line {csv_line(index)}"
@@ -114,7 +114,7 @@ def _read_boxes(csv_path: Path, frame, concepts) -> dict[str, list[tuple[str, st
             raise ValueError(f"{where}: box coordinates {coords} are not numbers (image_id {row.image_id})") from None
         if not np.isfinite(coords).all():
             raise ValueError(f"{where}: finding {name!r} without a box (image_id {row.image_id})")
-        boxes[str(row.image_id)].append((str(row.rad_id), name, Box(name, *coords, source=where)))
+        boxes[str(row.image_id)].append((str(row.rad_id), name, GroundTruthBox(name, *coords, source=where)))
     return boxes
 
 

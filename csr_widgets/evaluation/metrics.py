@@ -10,7 +10,8 @@ Conventions used by every function below **(ours, where the papers are silent)**
   the labels or the predictions (scikit-learn's default); a class absent from both has no
   F1 (NaN in ``per_class_f1``) rather than a free 0 or 1.
 - A concept whose labels contain only one class has no AUC: NaN, left out of means.
-- Boxes are ``(x0, y0, x1, y1)`` in image pixels with x1/y1 exclusive, the edges of pixel
+- Ground-truth boxes are ``(concept, x0, y0, x1, y1)``, the concept a name or an index.
+  Boxes are ``(x0, y0, x1, y1)`` in image pixels with x1/y1 exclusive, the edges of pixel
   ``i`` being ``i`` and ``i + 1``. A box holds the pixels whose centres (``i + 0.5``) lie in
   it, so an integer box holds columns ``x0 .. x1 - 1``; it is clipped to the image. A box
   that holds no pixel (zero area, sub-pixel, or outside the image) is **empty** and ignored;
@@ -48,9 +49,6 @@ from sklearn import metrics as skm
 
 from ..model.grid import FeatureGrid
 
-# One ground-truth box: (concept name or index, x0, y0, x1, y1) in pixels, x1/y1 exclusive.
-ConceptBox = tuple
-PixelBox = tuple  # (x0, y0, x1, y1)
 
 
 def _numpy(values) -> np.ndarray:
@@ -147,7 +145,7 @@ def argmax_points(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([first // W, first % W], dim=-1)
 
 
-def box_pixels(box: PixelBox, height: int, width: int) -> tuple[int, int, int, int] | None:
+def box_pixels(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int] | None:
     """Inclusive pixel index range ``(y_lo, y_hi, x_lo, x_hi)`` of a box, clipped; None if empty.
 
     A pixel belongs to the box when its centre ``i + 0.5`` lies in ``[x0, x1)`` (see the
@@ -161,7 +159,7 @@ def box_pixels(box: PixelBox, height: int, width: int) -> tuple[int, int, int, i
     return y_lo, y_hi, x_lo, x_hi
 
 
-def box_mask(boxes: Sequence[PixelBox], height: int, width: int) -> np.ndarray:
+def box_mask(boxes: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
     """(H, W) bool union of the pixels of ``boxes`` (x0, y0, x1, y1)."""
     mask = np.zeros((height, width), dtype=bool)
     for box in boxes:
@@ -172,7 +170,7 @@ def box_mask(boxes: Sequence[PixelBox], height: int, width: int) -> np.ndarray:
     return mask
 
 
-def distance_to_boxes(points: np.ndarray, boxes: Sequence[PixelBox], height: int, width: int) -> np.ndarray:
+def distance_to_boxes(points: np.ndarray, boxes: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
     """(..., 2) (y, x) pixel points -> (...) Euclidean distance to the nearest pixel of any box.
 
     0 inside a box; inf when every box is empty (or none is given).
@@ -190,13 +188,13 @@ def distance_to_boxes(points: np.ndarray, boxes: Sequence[PixelBox], height: int
     return best
 
 
-def boxes_by_concept(boxes: Sequence[ConceptBox], concepts: Sequence[str]) -> list[list[PixelBox]]:
+def boxes_by_concept(boxes: Sequence[tuple], concepts: Sequence[str]) -> list[list[tuple]]:
     """Ground-truth boxes ``(concept, x0, y0, x1, y1)`` -> K lists of pixel boxes.
 
     The concept is a name or an index into ``concepts``; boxes of concepts outside
     ``concepts`` are left out (a model trained on a subset of the findings).
     """
-    grouped: list[list[PixelBox]] = [[] for _ in concepts]
+    grouped: list[list[tuple]] = [[] for _ in concepts]
     index = {name: k for k, name in enumerate(concepts)}
     for concept, *coords in boxes:
         k = concept if isinstance(concept, (int, np.integer)) else index.get(concept)
@@ -235,8 +233,8 @@ class Pointing:
         return np.where(self.evaluated & ~np.isnan(self.shortcut_distance), landed, np.nan)
 
 
-def point_concepts(saliency: torch.Tensor, boxes: Sequence[Sequence[ConceptBox]], concepts: Sequence[str],
-                   shortcut_boxes: Sequence[PixelBox | None] | None = None) -> Pointing:
+def point_concepts(saliency: torch.Tensor, boxes: Sequence[Sequence[tuple]], concepts: Sequence[str],
+                   shortcut_boxes: Sequence[Sequence[float] | None] | None = None) -> Pointing:
     """Pointing Game raw material for a batch.
 
     saliency: (B, K, H, W) concept saliency (``concept_saliency``);
@@ -301,7 +299,7 @@ def pointing_game(distance, concepts: Sequence[str], tolerance: float = 0, short
     return table
 
 
-def energy_pointing(saliency: torch.Tensor, boxes: Sequence[Sequence[ConceptBox]], concepts: Sequence[str]) -> np.ndarray:
+def energy_pointing(saliency: torch.Tensor, boxes: Sequence[Sequence[tuple]], concepts: Sequence[str]) -> np.ndarray:
     """(B, K) energy-based Pointing Game: share of the positive saliency inside the boxes.
 
     saliency: (B, K, H, W); boxes: B lists of ``(concept, x0, y0, x1, y1)``. NaN where the

@@ -292,8 +292,7 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         with torch.random.fork_rng():  # the initial weights follow the plan's seed, not the global RNG
             torch.manual_seed(plan.seed if plan is not None else 0)
             model = CSRModel(config)
-        trained = train(model, train_set, val_set, **{"progress": progress, **(train_kwargs or {})})
-        model = trained if isinstance(trained, CSRModel) else model
+        train(model, train_set, val_set, **{"progress": progress, **(train_kwargs or {})})  # in place
     if tolerance is None:
         tolerance = float(model.grid.stride)
     rates = shortcut_prototype_rates(model, val_set, tolerance, batch_size, progress)
