@@ -15,7 +15,7 @@ CONCEPT_POOLINGS = ("mean", "lse")
 class CSRConfig:
     """The configuration of a :class:`~csr_widgets.CSRModel`.
 
-    Symbols follow DESIGN section 1: K concepts, M prototypes per concept, D embedding
+    Symbols follow docs/method.md#symbols: K concepts, M prototypes per concept, D embedding
     dimensions, N classes. Every field is plain data, so a config round-trips through JSON
     (it is stored inside every checkpoint).
     """
@@ -35,7 +35,8 @@ class CSRConfig:
     prototypes_per_concept: int = 10
     # D: dimension of the projected space shared by patches and prototypes (paper: 256).
     embedding_dim: int = 128
-    # Residual blocks of the projector P after its first linear map (DESIGN: 3).
+    # Residual blocks of the projector P after its first linear map (3:
+    # docs/method.md#the-model).
     projector_blocks: int = 3
     # Side of the (square) training input in pixels; also the probe size for the grid.
     image_size: int = 224
@@ -68,25 +69,27 @@ class CSRConfig:
     # delta (Eq. 9): margin subtracted from the true concept's logit.
     delta: float = 0.1
     # What a rejected concept's scores become: "baseline" (its mean score on training
-    # images without the concept) or "zero" (the paper's choice).
+    # images without the concept; ours, docs/decisions.md#rejection-baseline) or "zero" (the
+    # paper's choice).
     rejection: str = "baseline"
     # A case is flagged for review when p(top-1) - p(top-2) is below this.
     review_margin: float = 0.3
     # Stage 3: probability of replacing a concept's scores by its absent baseline, so that
-    # rejecting a concept at test time stays in distribution (ours).
+    # rejecting a concept at test time stays in distribution (ours,
+    # docs/decisions.md#concept-dropout).
     concept_dropout: float = 0.1
     # How the concept head's maps become concept logits: "mean" (global average pooling,
     # the paper's) or "lse" (log-mean-exp, a smooth maximum; ours). GAP lets a concept be
     # read from weak evidence spread over the whole image (or from its absence, e.g. "no
     # dark air at the lung base" for effusion), so its CAM need not peak on the finding;
     # a smooth maximum has to put the evidence somewhere, and Eq. 2's concept vectors and
-    # the Pointing Game both follow the peak.
+    # the Pointing Game both follow the peak (docs/decisions.md#concept-pooling).
     concept_pooling: str = "mean"
     # r of the "lse" pooling, (1/r) log mean_hw exp(r CAM): large r approaches the max,
     # r -> 0 the mean.
     pooling_sharpness: float = 4.0
     # Stage 2: weight of the optional pixel-level term (max similarity high for present
-    # concepts, low for absent ones; ours, off by default).
+    # concepts, low for absent ones; ours, off by default: docs/decisions.md#pixel-loss).
     pixel_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:

@@ -27,12 +27,15 @@ RECIPES: dict[str, Recipe] = {
             concepts=["nodule", "consolidation", "cavity", "effusion", "pneumothorax", "cardiomegaly"],
             classes=["healthy", "sick", "tb"],
             backbone="resnet18",
-            feature_stage=2,  # stride 8: a nodule of ~10 px spans about one cell
+            # stride 8: a nodule of ~10 px spans about one cell
+            # (docs/decisions.md#stride-8-backbone)
+            feature_stage=2,
             image_size=160,
             in_channels=1,
             prototypes_per_concept=10,
             embedding_dim=64,
-            # a smooth maximum instead of GAP for the concept logits (ours, see CSRConfig):
+            # a smooth maximum instead of GAP for the concept logits (ours,
+            # docs/decisions.md#concept-pooling):
             # with GAP the same recipe pointed at 45.6 % (effusion 2 %), with it at 87.6 %
             concept_pooling="lse",
             pooling_sharpness=4.0,

@@ -1,5 +1,5 @@
 """Data: the synthetic default (SyntheticCXR), loaders for TBX11K, VinDr-CXR, ISIC 2018 and
-your own CSV, all yielding one item format (see ``records`` and DESIGN section 7), and
+your own CSV, all yielding one item format (docs/architecture.md#the-item-format), and
 ``read_image`` for any image the package is handed."""
 from .._batching import collate
 from .concept_csv import ConceptCSV

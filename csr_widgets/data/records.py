@@ -1,7 +1,7 @@
 """AnnotatedImages: the Dataset behind every real-data loader, one Record per image.
 
 A loader's only job is to turn its format's files into Records; reading, checking,
-resizing and the item format (DESIGN section 7) live here, once:
+resizing and the item format (docs/architecture.md#the-item-format) live here, once:
 
     {"image": FloatTensor (C, H, W) in [0, 1], "concepts": FloatTensor (K,) 0/1,
      "label": int (-1 when the format has none for this image),

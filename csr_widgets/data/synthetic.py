@@ -1,4 +1,5 @@
-"""SyntheticCXR: chest-X-ray-like images with exact concept boxes, made on the fly.
+"""SyntheticCXR: chest-X-ray-like images with exact concept boxes, made on the fly (ours:
+docs/decisions.md#synthetic-cxr).
 
 The label rule (mirrors TBX11K's healthy / sick-but-not-TB / TB):
 

@@ -1,10 +1,11 @@
-"""Metrics of DESIGN section 4 as plain functions on tensors and arrays.
+"""The measures of docs/method.md#evaluation as plain functions on tensors and arrays.
 
 Classification: accuracy, macro and per-class F1, the confusion matrix (scikit-learn
 underneath). Concepts: one ROC AUC per concept. Localisation: the Pointing Game and its
 energy-based variant on concept saliency maps.
 
-Conventions used by every function below **(ours, where the papers are silent)**:
+Conventions used by every function below **(ours, where the papers are silent;
+docs/decisions.md#metric-conventions)**:
 
 - Labels and predictions are class indices. Macro F1 averages over the classes present in
   the labels or the predictions (scikit-learn's default); a class absent from both has no

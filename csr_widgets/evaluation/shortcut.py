@@ -3,9 +3,9 @@
 A shortcut (a corner text marker, a pacemaker-like device in SyntheticCXR) correlated
 with a class in training lets prototypes learn it instead of the findings. On a
 decorrelated split this costs F1; pruning those prototypes (``prototype_mask[k, m] =
-False``) and refitting the task head should recover it (DESIGN sections 3-5).
+False``) and refitting the task head should recover it (docs/method.md#atlas-and-pruning).
 
-Detection (automatic, **ours**):
+Detection (automatic, **ours**, docs/decisions.md#shortcut-detection):
 
 - by maxima: on the images that contain the shortcut, the argmax pixel of a prototype's
   upsampled similarity map (same tie and distance rules as the Pointing Game, see
@@ -125,7 +125,8 @@ def atlas_shortcut_prototypes(atlas, dataset, shape: tuple[int, int], tolerance:
 def off_target_prototypes(atlas, dataset, tolerance: float = 0) -> torch.Tensor:
     """(K, M) bool: prototypes whose atlas match misses every box of their own concept.
 
-    An automatic stand-in for the expert's atlas refinement (**ours**): prototype p_km is
+    An automatic stand-in for the expert's atlas refinement (**ours**,
+    docs/decisions.md#automatic-refinement): prototype p_km is
     linked (Eq. 11) to a training image where concept k is present and to the pixel where
     its map peaks; when that pixel lies farther than ``tolerance`` px from every box of
     concept k in that image, the prototype answers to something other than the finding.

@@ -1,4 +1,4 @@
-"""The simulated clinician: an oracle user who corrects the model (DESIGN sections 3-4).
+"""The simulated clinician: an oracle user who corrects the model (docs/method.md#evaluation).
 
 Five kinds of feedback, from the ground truth:
 

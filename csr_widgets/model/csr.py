@@ -1,9 +1,9 @@
 """CSRModel: backbone -> concepts -> projector -> prototypes -> similarity maps -> task head.
 
-The forward pass is split in two (DESIGN section 1): ``encode`` runs everything that does
-not depend on the user (F, C, P, S) once per image; ``reason`` runs everything that does
-(the importance map A, the masks, the spatial max, H) and is cheap enough to re-run on
-every mouse event.
+The forward pass is split in two (docs/architecture.md#encode-and-reason): ``encode``
+runs everything that does not depend on the user (F, C, P, S) once per image; ``reason``
+runs everything that does (the importance map A, the masks, the spatial max, H) and is
+cheap enough to re-run on every mouse event.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ feature cell j is centred on the input pixel ``offset + stride * j``. A CNN with
 padding has offset 0 (a 3x3 stride-2 conv centres output j on input 2j); a patchify stem
 or a ViT has offset (stride - 1) / 2. Bilinear upsampling with ``align_corners=False``
 silently assumes the latter, which puts a resnet's maxima half a cell off: on small
-lesions that alone costs several points of Pointing Game (DESIGN section 8). Every heatmap
-the package draws or scores, and every box mapped onto the grid, goes through this class.
+lesions that alone costs several points of Pointing Game (docs/decisions.md#cell-centres).
+Every heatmap the package draws or scores, and every box mapped onto the grid, goes
+through this class.
 """
 from __future__ import annotations
 

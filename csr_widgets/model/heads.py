@@ -31,7 +31,7 @@ class Projector(nn.Module):
     A 1x1 convolution is a linear map on each patch vector, so P is written on the last
     axis and maps single vectors (stage 2) and every patch (inference) identically. The
     norm is LayerNorm over D for the same reason (ours: the paper's IBN normalises
-    differently on vectors and on patches).
+    differently on vectors and on patches; docs/decisions.md#projector-layernorm).
     """
 
     def __init__(self, channels: int, dim: int, blocks: int = 3):
@@ -46,7 +46,8 @@ class Projector(nn.Module):
 class TaskHead(nn.Module):
     """H: fixed per-prototype standardisation of the scores, then Linear(K*M -> N) with bias.
 
-    The standardisation (ours) is measured on the training set when stage 3 starts: raw
+    The standardisation (ours, docs/decisions.md#task-head-standardisation) is measured
+    on the training set when stage 3 starts: raw
     scores live in a narrow band near their maximum, and a plain linear head on them
     collapses. Pruned prototypes enter H as exactly 0 after standardisation.
     """

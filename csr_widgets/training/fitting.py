@@ -192,7 +192,7 @@ def calibrate_task_head(model: CSRModel, scores: torch.Tensor, concepts: torch.T
     """At the start of stage 3: the scores' per-prototype mean/std and absent baselines.
 
     scores (n, K, M), concepts (n, K). A concept present in every image has no absent
-    images; its baseline falls back to its lowest observed scores' mean (the 10% least).
+    images; its baseline falls back to the 10th percentile of its scores.
     """
     head = model.task_head
     head.score_mean.copy_(scores.mean(0))
@@ -219,7 +219,8 @@ def calibrate_novelty(model: CSRModel, train: Dataset | FeatureCache, val: Datas
 
 def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> list[dict]:
-    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours).
+    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours,
+    docs/decisions.md#concept-dropout).
     ``on_progress(fraction)`` after each epoch (e.g. a widget's progress bar)."""
     generator = torch.Generator().manual_seed(plan.seed + 3)
     scores = cached_scores(model, train)

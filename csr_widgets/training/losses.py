@@ -39,7 +39,8 @@ def prototype_loss(vectors: torch.Tensor, concepts: torch.Tensor, prototypes: to
 
     vectors (V, D) projected local concept vectors, concepts (V,) their concept index,
     prototypes (K, M, D) L2-normalised. Subtracting delta from the true concept's logit
-    makes it a margin (ours: the paper's printed sign is ambiguous).
+    makes it a margin (ours: the paper's printed sign is ambiguous;
+    docs/decisions.md#margin-sign).
     """
     sim, _ = concept_similarities(vectors, prototypes, gamma)
     margin = delta * F.one_hot(concepts, sim.shape[-1]).to(sim.dtype)
@@ -47,7 +48,8 @@ def prototype_loss(vectors: torch.Tensor, concepts: torch.Tensor, prototypes: to
 
 
 def pixel_loss(similarity_maps: torch.Tensor, concepts: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """Optional stage-2 term (ours): max similarity high for present concepts, low for absent.
+    """Optional stage-2 term (ours, docs/decisions.md#pixel-loss): max similarity high for
+    present concepts, low for absent.
 
     similarity_maps (B, K, M, h, w), concepts (B, K) -> BCE on lambda * (max_mhw S - 1/2).
     """

@@ -1,4 +1,4 @@
-"""The three training stages and what each one trains (DESIGN section 2).
+"""The three training stages and what each one trains (docs/method.md#training).
 
 | stage | name       | trains                          | frozen                          | loss                     |
 |-------|------------|---------------------------------|---------------------------------|--------------------------|

@@ -1,4 +1,5 @@
-"""AtlasExplorer: browse, prune and refit the prototypes of a CSR model (DESIGN section 3).
+"""AtlasExplorer: browse, prune and refit the prototypes of a CSR model
+(docs/method.md#atlas-and-pruning).
 
 The atlas
 ---------
@@ -14,8 +15,9 @@ Optionally ``atlas.usage``: (K, M) counts of how often each prototype is the bes
 concept; when a dataset is given the explorer counts this itself. Without a ``heatmap``,
 and with a dataset, a tile shows the prototype's similarity map on its source image.
 
-Dataset items are read as DESIGN section 7 describes them (image (C, H, W) in [0, 1],
-concepts (K,), label, boxes), as a mapping, an object with those attributes, or a tuple.
+Dataset items are read as docs/architecture.md#the-item-format describes them (image
+(C, H, W) in [0, 1], concepts (K,), label, boxes), as a mapping, an object with those
+attributes, or a tuple.
 
 Pruning writes ``model.prototype_mask`` (a public mask: pruned prototypes enter the task
 head as 0). "Apply" refits the task head with ``refit(model, dataset, progress=callback)``, where

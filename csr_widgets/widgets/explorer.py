@@ -1,4 +1,4 @@
-"""CSRExplorer: talk to a CSR model about one image, live (DESIGN sections 1, 3, 7).
+"""CSRExplorer: talk to a CSR model about one image, live (docs/method.md#interaction).
 
 The image is encoded once (``model.encode``: backbone, concept head, projector, similarity
 maps); every change the user makes (a box drawn, moved or deleted, a concept rejected, an
@@ -6,7 +6,7 @@ undo) re-runs only ``model.reason``, which takes about a millisecond. Everything
 controls is plain data: ``ex.boxes`` (list of Box, image pixels), ``ex.rejected`` (set of
 concept names), ``ex.alpha``; setting them from Python is the same as using the mouse.
 
-Responsiveness rules (DESIGN section 8):
+Responsiveness rules (docs/decisions.md#widget-responsiveness):
 - mouse moves only move the rubber band, at most once per ``frame_interval`` (latest
   position wins, a trailing frame is scheduled on the kernel's event loop), so a flood of
   events never queues work; the model runs on mouse-up;

@@ -1,15 +1,16 @@
 """ViewGeometry: the three coordinate systems of an explorer and the exact maps between them.
 
-- **image**: pixels of the image as the user gave it, W x H. Boxes live here (DESIGN
-  section 7): (x0, y0, x1, y1), x1/y1 exclusive, edges between pixels (pixel i spans
-  [i, i + 1)).
+- **image**: pixels of the image as the user gave it, W x H. Boxes live here
+  (docs/architecture.md#coordinates): (x0, y0, x1, y1), x1/y1 exclusive, edges between
+  pixels (pixel i spans [i, i + 1)).
 - **canvas**: pixels of the on-screen canvas, a uniform scaling of the image (same aspect
   ratio), so a 3000 x 2400 radiograph is not sent to the browser at full size. ipycanvas
   reports mouse positions in these units (it rescales CSS pixels to the canvas size).
-- **model**: pixels of the model input. Decision (ours): the image is resized to
-  ``config.image_size`` x ``config.image_size`` (aspect ratio not kept) because that is
-  what every training pipeline in this package feeds the model; a different ``input_size``
-  can be asked for (e.g. keep the aspect ratio with a CNN backbone).
+- **model**: pixels of the model input. Decision (ours, docs/decisions.md#model-input-size):
+  the image is resized to ``config.image_size`` x ``config.image_size`` (aspect ratio not
+  kept) because that is what every training pipeline in this package feeds the model; a
+  different ``input_size`` can be asked for (e.g. keep the aspect ratio with a CNN
+  backbone).
 
 All three are axis-aligned scalings of each other with the origin at the top-left edge, so
 a box maps exactly by scaling its edges: image -> model is (x * Wm / W, y * Hm / H),

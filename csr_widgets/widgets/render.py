@@ -1,11 +1,11 @@
 """Pure rendering: numpy/torch in, RGBA uint8 out. No widgets here.
 
-Heatmaps are carried from feature cells to pixels by the model's FeatureGrid only (DESIGN
-section 8: cell j sits on input pixel ``offset + stride * j``); a plain resize would put a
-resnet's maxima half a cell off. The explorer renders them on the model-input pixels (or
-every q-th of them, at most MAX_LATTICE_SIDE a side: about a millisecond to PNG-encode)
-and lets the browser scale that small RGBA map to the canvas, a scaling per axis (see
-geometry.py).
+Heatmaps are carried from feature cells to pixels by the model's FeatureGrid only (cell j
+sits on input pixel ``offset + stride * j``); a plain resize would put a resnet's maxima
+half a cell off (docs/decisions.md#cell-centres). The explorer renders them on the
+model-input pixels (or every q-th of them, at most MAX_LATTICE_SIDE a side: about a
+millisecond to PNG-encode) and lets the browser scale that small RGBA map to the canvas, a
+scaling per axis (see geometry.py).
 
 Every array sent to ipycanvas is RGBA uint8: ipycanvas encodes RGB arrays as JPEG (lossy),
 RGBA as PNG (lossless).

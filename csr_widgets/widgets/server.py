@@ -1,4 +1,4 @@
-"""A jupyter_server extension: TCP_NODELAY on kernel websockets (DESIGN section 8).
+"""A jupyter_server extension: TCP_NODELAY on kernel websockets (docs/decisions.md#tcp-nodelay).
 
 Stock jupyter_server leaves Nagle's algorithm on for the kernel websocket, so each small
 reply (a widget update after a mouse-up) can wait ~40 ms for the browser's delayed ACK.
