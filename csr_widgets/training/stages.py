@@ -1,4 +1,5 @@
-"""The three training stages and what each one trains (docs/method.md#training).
+"""The three training stages: what each one trains (the table, docs/method.md#training) and
+how long and how fast (``TrainingPlan``).
 
 | stage | name       | trains                          | frozen                          | loss                     |
 |-------|------------|---------------------------------|---------------------------------|--------------------------|
