@@ -35,8 +35,8 @@ class CSRConfig:
     prototypes_per_concept: int = 10
     # D: dimension of the projected space shared by patches and prototypes (paper: 256).
     embedding_dim: int = 128
-    # Residual blocks of the projector P after its first linear map (3:
-    # docs/method.md#the-model).
+    # Residual blocks of the projector P after its first linear map
+    # (docs/method.md#the-model).
     projector_blocks: int = 3
     # Side of the (square) training input in pixels; also the probe size for the grid.
     image_size: int = 224

@@ -4,7 +4,9 @@
 explains it). Every import statement counts, those inside functions too: a function-level
 import is a lazy import, not a way around the layering. Relative imports are resolved;
 ``from package import name`` is an edge to ``package.name`` when that is a module, else to
-the package itself (its ``__init__``).
+the package itself (its ``__init__``). Importing a submodule also runs its package's
+``__init__``; that is loading order, not an edge of the importer (the ``__init__``'s own
+imports are its edges).
 """
 from __future__ import annotations
 

@@ -47,9 +47,9 @@ class TaskHead(nn.Module):
     """H: fixed per-prototype standardisation of the scores, then Linear(K*M -> N) with bias.
 
     The standardisation (ours, docs/decisions.md#task-head-standardisation) is measured
-    on the training set when stage 3 starts: raw
-    scores live in a narrow band near their maximum, and a plain linear head on them
-    collapses. Pruned prototypes enter H as exactly 0 after standardisation.
+    on the training set when stage 3 starts: raw scores live in a narrow band near their
+    maximum, and a plain linear head on them collapses. Pruned prototypes enter H as
+    exactly 0 after standardisation.
     """
 
     def __init__(self, num_concepts: int, prototypes_per_concept: int, num_classes: int):
