@@ -94,7 +94,7 @@ def test_tables_as_text(model):
     refined = torch.ones(3, 2, dtype=torch.bool)
     refined[0, 0] = False  # a's saliency becomes the flat (a, 1): first maximum pixel (0, 0)
     text = report.paper_tables(model, dataset, refined=refined)
-    for heading in ("Table 1.", "Table 2.", "Table 3.", "after refinement"):
+    for heading in ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "after refinement", "out of distribution"):
         assert heading in text
     table1 = text.split("Table 1.")[1].split("Table 2.")[0]
     assert "50.0" in table1 and "33.3" in table1  # accuracy, macro F1

@@ -1,4 +1,4 @@
-"""evaluate(): one row per image; summaries; the paper-style Tables 1-3 as text.
+"""evaluate(): one row per image; summaries; the paper-style Tables 1-4 as text.
 
 ``evaluate`` runs a model over a dataset (batched, on the model's device, under
 ``torch.inference_mode``) and returns a pandas DataFrame with one row per image:
@@ -9,6 +9,7 @@ column                      meaning
 index                       position in the dataset
 label, prediction           class indices (model class order); correct: prediction == label
 needs_review                the review rule (p(top-1) - p(top-2) < review_margin)
+out_of_distribution         the image is unlike the training images (model/novelty.py)
 margin                      p(top-1) - p(top-2)
 has_shortcut                the item has a ``shortcut_box`` (SyntheticCXR)
 prob/<class>                class probabilities
@@ -37,7 +38,7 @@ from .._batching import Batch, iterate_batches
 from .._inference import evaluating
 from ..model.interaction import Interaction
 from . import metrics
-from .simulation import interaction_gains, simulate_interaction
+from .simulation import box_fidelity, fidelity_summary, interaction_gains, simulate_interaction
 
 DEFAULT_TOLERANCES = (0, 15)
 # Upper bound on the elements of one saliency tensor (B', K, H, W) held at a time: 64 MB.
@@ -81,6 +82,7 @@ def evaluate(model, dataset, batch_size: int = 32,
                 "label": batch.labels.numpy(),
                 "prediction": probs.argmax(1),
                 "needs_review": out.needs_review.cpu().numpy(),
+                "out_of_distribution": out.out_of_distribution.cpu().numpy(),
                 "margin": top[:, 0] - top[:, 1],
                 "has_shortcut": np.array([b is not None for b in batch.shortcut_boxes]),
             }
@@ -143,6 +145,8 @@ def classification_summary(frame: pd.DataFrame) -> pd.Series:
         summary[f"f1/{name}"] = f1
     summary["concept_auc"] = metrics.mean_auc(concept_auc_summary(frame))
     summary["review_rate"] = float(frame["needs_review"].mean())
+    if "out_of_distribution" in frame:
+        summary["ood_rate"] = float(frame["out_of_distribution"].mean())
     return pd.Series(summary)
 
 
@@ -200,12 +204,12 @@ def _render(table: pd.DataFrame, markdown: bool) -> str:
 
 
 def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refined: pd.DataFrame | None = None,
-                  markdown: bool = False, title: str | None = None) -> str:
-    """Tables 1-3 as text from precomputed results (percentages, one decimal).
+                  markdown: bool = False, title: str | None = None, fidelity: pd.DataFrame | None = None) -> str:
+    """Tables 1-4 as text from precomputed results (percentages, one decimal).
 
     frame: ``evaluate`` output; gains: ``simulation.interaction_gains`` output; refined: an
     ``evaluate`` frame of the refined (pruned) model on the same data, for Table 2's
-    "after" columns.
+    "after" columns; fidelity: ``simulation.box_fidelity`` output, for Table 4.
     """
     parts = [title] if title else []
     summary = classification_summary(frame)
@@ -214,7 +218,8 @@ def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refine
         {"images": [int(summary["images"])], "accuracy": [100 * summary["accuracy"]],
          "macro F1": [100 * summary["macro_f1"]],
          **{f"F1 {c}": [100 * summary[f"f1/{c}"]] for c in classes},
-         "concept AUC": [100 * summary["concept_auc"]], "review rate": [100 * summary["review_rate"]]},
+         "concept AUC": [100 * summary["concept_auc"]], "review rate": [100 * summary["review_rate"]],
+         **({"out of distribution": [100 * summary["ood_rate"]]} if "ood_rate" in summary else {})},
         index=pd.Index(["CSR (this model)"], name="model"),
     )
     parts += ["Table 1. Classification (%)", _render(table1, markdown), ""]
@@ -235,19 +240,28 @@ def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refine
         for c in ("macro_f1_before", "macro_f1_after", "gain"):
             table3[c] = 100 * table3[c]
         table3 = table3.rename(columns={"macro_f1_before": "F1 before", "macro_f1_after": "F1 after", "gain": "gain"})
-        parts += ["Table 3. Simulated interaction (oracle user; macro F1 %, gain in points)", _render(table3, markdown), ""]
+        parts += ["Table 3. Simulated interaction (oracle user; macro F1 %, gain in points). Kinds: boxes = true boxes "
+                  "for all concepts (the paper's), concept_boxes = each for its own concept, reject = absent concepts "
+                  "rejected, both / concept_both = with rejection, question / random_question = one 'check this next' "
+                  "question answered (the top-ranked one / a random one)", _render(table3, markdown), ""]
+    if fidelity is not None:
+        table4 = 100 * fidelity_summary(fidelity)[["kept (small, mean)", "kept (small, 5th pct)", "peak moved off"]]
+        table4.insert(0, "boxes", fidelity_summary(fidelity)["boxes"])
+        parts += ["Table 4. One true box (%): the share of its concept's score a positive box keeps on lesions "
+                  "<= 1.5 cells wide, and how often a negative box moves the concept's peak off the finding",
+                  _render(table4, markdown), ""]
     parts.append(PAPER_REFERENCE)
     return "\n".join(parts)
 
 
 def paper_tables(model, dataset, *, refined=None, batch_size: int = 32, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
                  simulate: bool = True, progress: bool = False, markdown: bool = False) -> str:
-    """Evaluate ``model`` on ``dataset`` and return Tables 1-3 as text (for ``csr-widgets evaluate``).
+    """Evaluate ``model`` on ``dataset`` and return Tables 1-4 as text (for ``csr-widgets evaluate``).
 
     refined: the refinement whose Pointing Game fills Table 2's "after" columns: a (K, M)
     bool prototype mask, or a model of the same architecture whose ``prototype_mask`` is
     used (the Pointing Game does not depend on the task head, so a refit is not needed).
-    simulate: also run the oracle user for Table 3 (one more pass over the data).
+    simulate: also run the oracle user for Tables 3 and 4 (two more passes over the data).
     """
     frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress)
     refined_frame = None
@@ -255,7 +269,8 @@ def paper_tables(model, dataset, *, refined=None, batch_size: int = 32, toleranc
         mask = refined if isinstance(refined, torch.Tensor) else refined.prototype_mask
         refined_frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress,
                                  prototype_mask=mask.to(model.device, torch.bool))
-    gains = None
+    gains = fidelity = None
     if simulate:
         gains = interaction_gains(simulate_interaction(model, dataset, batch_size=batch_size, progress=progress))
-    return format_tables(frame, gains, refined_frame, markdown=markdown)
+        fidelity = box_fidelity(model, dataset, batch_size=batch_size, progress=progress)
+    return format_tables(frame, gains, refined_frame, markdown=markdown, fidelity=fidelity)
