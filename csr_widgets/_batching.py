@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
+
+from ._distributed import ProcessGroup, current
 
 
 def collate(items: list[dict]) -> dict:
@@ -43,10 +45,24 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader of ``collate``d batches; with ``shuffle``, an order that follows ``seed`` only."""
+def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+           pin_memory: bool = False, group: ProcessGroup | None = None) -> DataLoader:
+    """A DataLoader of ``collate``d batches; with ``shuffle``, an order that follows ``seed`` only.
+
+    num_workers: processes that read and decode images while the model computes (0: in
+    this process); pin_memory: page-locked batches, for faster copies to a GPU.
+    group: with several processes, each one reads its own share of every epoch through a
+    ``DistributedSampler`` (shuffled by ``seed``, padded to equal shares); None: the
+    current group (``_distributed.current()``).
+    """
+    group = current() if group is None else group
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    options = dict(batch_size=batch_size, collate_fn=collate, generator=generator, num_workers=num_workers,
+                   pin_memory=pin_memory, persistent_workers=False)
+    if group.distributed:
+        sampler = DistributedSampler(dataset, group.world_size, group.rank, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, sampler=sampler, **options)
+    return DataLoader(dataset, shuffle=shuffle, **options)
 
 
 @dataclass
@@ -87,15 +103,22 @@ def alignment(model, dataset) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def iterate_batches(model, dataset, batch_size: int = 32, progress: bool = True, desc: str = "evaluate",
-                    num_workers: int = 0) -> Iterator[Batch]:
-    """Yield the dataset in order as ``Batch`` objects aligned to the model's concepts/classes."""
+                    num_workers: int = 0, rows: range | None = None) -> Iterator[Batch]:
+    """Yield the dataset in order as ``Batch`` objects aligned to the model's concepts/classes.
+
+    rows: only these consecutive dataset rows (a process's ``shard``; ``Batch.indices``
+    stay positions in the whole dataset); None: every row.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if len(dataset) == 0:
         raise ValueError("The dataset is empty.")
     columns, class_map = alignment(model, dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    start = 0
+    rows = range(len(dataset)) if rows is None else rows
+    part = dataset if len(rows) == len(dataset) else Subset(dataset, rows)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=next(model.parameters()).is_cuda)
+    start = rows.start
     for raw in tqdm(loader, total=len(loader), disable=not progress, desc=desc, leave=False):
         B = raw["image"].shape[0]
         concepts = raw["concepts"].float()[:, np.clip(columns, 0, None)]

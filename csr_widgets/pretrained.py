@@ -18,6 +18,7 @@ class Recipe:
     val: dict  # SyntheticCXR keywords of the validation split
     test: dict  # SyntheticCXR keywords of the held-out test split (for the README numbers)
     plan: dict = field(default_factory=dict)  # TrainingPlan fields
+    data: str = "synthetic"  # the --data kind it is made for (data/sources.py); train/val/test are that loader's keywords
 
 
 _SYNTHETIC = dict(seed=0, image_size=160)
@@ -71,4 +72,31 @@ def load_pretrained(name: str = "synthetic-cxr", device=None) -> CSRModel:
 
 
 def recipe_config(name: str) -> CSRConfig:
-    return CSRConfig(**RECIPES[name].config)
+    return CSRConfig(**recipe(name).config)
+
+
+# Recipes of the paper's datasets, one TOML file each, every value with a comment on its source.
+RECIPE_FOLDER = Path(str(resources.files("csr_widgets") / "recipes"))
+
+
+def recipe_names() -> list[str]:
+    """Every recipe ``csr-widgets train --recipe`` knows: the bundled models' and the files'."""
+    return sorted(set(RECIPES) | {path.stem for path in RECIPE_FOLDER.glob("*.toml")})
+
+
+def recipe(name: str) -> Recipe:
+    """A bundled model's recipe (``RECIPES``) or a dataset recipe from ``recipes/<name>.toml``."""
+    if name in RECIPES:
+        return RECIPES[name]
+    path = RECIPE_FOLDER / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(f"Unknown recipe {name!r}; known: {recipe_names()}.")
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+    table = tomllib.loads(path.read_text())
+    data = table.get("data", {})
+    options = dict(data.get("options", {}))
+    return Recipe(config=table.get("config", {}), train=options, val=options, test=options, plan=table.get("plan", {}),
+                  data=data.get("kind", "synthetic"))

@@ -23,8 +23,8 @@ ROOT = "csr_widgets"
 # A module belongs to the layer of the longest entry it falls under (an entry names a module
 # or a package); the root package is only itself.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("infrastructure", ("csr_widgets._version", "csr_widgets._batching", "csr_widgets._inference",
-                        "csr_widgets._tensor_files", "csr_widgets.config")),
+    ("infrastructure", ("csr_widgets._version", "csr_widgets._batching", "csr_widgets._distributed",
+                        "csr_widgets._inference", "csr_widgets._tensor_files", "csr_widgets.config")),
     ("data", ("csr_widgets.data",)),
     ("model", ("csr_widgets.model",)),
     ("metrics", ("csr_widgets.evaluation.metrics",)),
@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("csr_widgets.training",)),
     ("evaluation", ("csr_widgets.evaluation",)),
     ("widgets", ("csr_widgets.widgets",)),
-    ("interface", ("csr_widgets.cli", "csr_widgets")),
+    ("interface", ("csr_widgets.cli", "csr_widgets.__main__", "csr_widgets")),
 )
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from .._distributed import current
 from .._inference import evaluating
 from .._tensor_files import read_tensors
 from ..model import CSRModel
@@ -144,14 +145,7 @@ def _match(model: CSRModel, dataset: Dataset, crop_size: int, crop_fraction: flo
     nearest = cosines[torch.arange(len(concepts)), concepts].argmax(-1)  # (V,)
     usage.index_put_((concepts, nearest), torch.ones_like(concepts), accumulate=True)
 
-    # where in its image each prototype's similarity map peaks
-    flat = image_index.clamp(min=0).flatten()
-    patches = model.project(cache.features[flat].to(model.device))  # (KM, h, w, D)
-    own_maps = torch.einsum("nhwd,nd->nhw", patches, prototypes.flatten(0, 1)).cpu()  # each prototype's own map
-    h, w = own_maps.shape[-2:]
-    cell = own_maps.flatten(1).argmax(-1)
-    ys, xs = model.grid.centres(h)[cell // w], model.grid.centres(w)[cell % w]
-    location = torch.stack([xs, ys], -1).view(K, M, 2)
+    location = _peaks(model, cache, image_index, prototypes)
 
     H, W = cache.image_size
     side = max(1.0, crop_fraction * min(H, W))
@@ -161,6 +155,25 @@ def _match(model: CSRModel, dataset: Dataset, crop_size: int, crop_fraction: flo
     crops = _crops(dataset, image_index, crop_boxes, crop_size)
     similarity = torch.where(present, similarity, torch.full_like(similarity, float("nan")))
     return Atlas(image_index, location, similarity, usage, crop_boxes, crops, list(model.concepts))
+
+
+def _peaks(model: CSRModel, cache, image_index: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(K, M, 2) the (x, y) pixel where each prototype's own map peaks in its matched image.
+
+    Each process reads the matches whose image it holds (its rows of the feature cache);
+    the others' entries are zeros, so the sum over processes is every peak, exactly.
+    """
+    K, M = image_index.shape
+    flat = image_index.clamp(min=0).flatten()  # a concept never present: its peak in image 0 (unused)
+    here = (flat >= cache.local_rows.start) & (flat < cache.local_rows.stop)
+    location = torch.zeros(K * M, 2)
+    if here.any():
+        patches = model.project(cache.features[flat[here] - cache.offset].to(model.device))  # (n, h, w, D)
+        own_maps = torch.einsum("nhwd,nd->nhw", patches, prototypes.flatten(0, 1)[here.to(prototypes.device)]).cpu()
+        h, w = own_maps.shape[-2:]
+        cell = own_maps.flatten(1).argmax(-1)
+        location[here] = torch.stack([model.grid.centres(w)[cell % w], model.grid.centres(h)[cell // w]], -1).float()
+    return current().total(location).view(K, M, 2)
 
 
 def _crops(dataset: Dataset, image_index: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from .._batching import Batch, iterate_batches
+from .._distributed import current
 from .._inference import evaluating
 from ..model.interaction import Interaction
 from . import metrics
@@ -70,8 +71,10 @@ def evaluate(model, dataset, batch_size: int = 32,
     if tuple(mask.shape) != tuple(model.prototype_mask.shape):
         raise ValueError(f"prototype_mask must have shape {tuple(model.prototype_mask.shape)}, got {tuple(mask.shape)}.")
     rows: list[pd.DataFrame] = []
+    group = current()  # with several processes, each evaluates its share and the rows are gathered
     with evaluating(model):
-        for batch in iterate_batches(model, dataset, batch_size, progress, "evaluate", num_workers):
+        for batch in iterate_batches(model, dataset, batch_size, progress and group.is_main, "evaluate", num_workers,
+                                     rows=group.shard(len(dataset), batch_size)):
             encoding = model.encode(batch.images)
             out = model.reason(encoding, _interactions_for(interaction, batch.indices))
             pointing, energy = _point(model, out.similarity_maps, encoding.image_size, mask, batch)
@@ -100,7 +103,7 @@ def evaluate(model, dataset, batch_size: int = 32,
                     frame[f"shortcut@{t:g}/{c}"] = pointing.on_shortcut(t)[:, k]
                 frame[f"energy/{c}"] = energy[:, k]
             rows.append(pd.DataFrame(frame))
-    result = pd.concat(rows, ignore_index=True)
+    result = group.gather_frame(pd.concat(rows, ignore_index=True) if rows else pd.DataFrame())
     result.insert(3, "correct", result["label"] == result["prediction"])
     result.attrs.update(concepts=concepts, classes=classes, tolerances=[float(t) for t in tolerances])
     return result
@@ -255,22 +258,24 @@ def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refine
 
 
 def paper_tables(model, dataset, *, refined=None, batch_size: int = 32, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
-                 simulate: bool = True, progress: bool = False, markdown: bool = False) -> str:
+                 simulate: bool = True, progress: bool = False, markdown: bool = False, num_workers: int = 0) -> str:
     """Evaluate ``model`` on ``dataset`` and return Tables 1-4 as text (for ``csr-widgets evaluate``).
 
     refined: the refinement whose Pointing Game fills Table 2's "after" columns: a (K, M)
     bool prototype mask, or a model of the same architecture whose ``prototype_mask`` is
     used (the Pointing Game does not depend on the task head, so a refit is not needed).
     simulate: also run the oracle user for Tables 3 and 4 (two more passes over the data).
+    num_workers: DataLoader workers reading the images. Under torchrun every pass is split
+    between the processes and gathered: every process returns the same text.
     """
-    frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress)
+    frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress, num_workers=num_workers)
     refined_frame = None
     if refined is not None:
         mask = refined if isinstance(refined, torch.Tensor) else refined.prototype_mask
-        refined_frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress,
+        refined_frame = evaluate(model, dataset, batch_size=batch_size, tolerances=tolerances, progress=progress, num_workers=num_workers,
                                  prototype_mask=mask.to(model.device, torch.bool))
     gains = fidelity = None
     if simulate:
-        gains = interaction_gains(simulate_interaction(model, dataset, batch_size=batch_size, progress=progress))
-        fidelity = box_fidelity(model, dataset, batch_size=batch_size, progress=progress)
+        gains = interaction_gains(simulate_interaction(model, dataset, batch_size=batch_size, progress=progress, num_workers=num_workers))
+        fidelity = box_fidelity(model, dataset, batch_size=batch_size, progress=progress, num_workers=num_workers)
     return format_tables(frame, gains, refined_frame, markdown=markdown, fidelity=fidelity)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .._batching import iterate_batches
+from .._distributed import current
 from .._inference import evaluating
 from ..model.interaction import Box, Interaction
 from ..model.questions import Question, rank_questions
@@ -146,12 +147,14 @@ def simulate_interaction(model, dataset, batch_size: int = 32, kinds: Sequence[s
         if kind not in ORACLE_KINDS + QUESTION_KINDS:
             raise ValueError(f"kind must be one of {ORACLE_KINDS + QUESTION_KINDS}, got {kind!r}.")
     frames = []
+    group = current()  # with several processes, each simulates its share and the rows are gathered
     with evaluating(model):
-        for batch in iterate_batches(model, dataset, batch_size, progress, "simulate", num_workers):
+        for batch in iterate_batches(model, dataset, batch_size, progress and group.is_main, "simulate", num_workers,
+                                     rows=group.shard(len(dataset), batch_size)):
             encoding = model.encode(batch.images)  # once; each kind only re-runs reason
             result = oracle_predictions(model, encoding, batch.concepts, batch.boxes, kinds, seed=int(batch.indices[0]))
             frames.append(pd.DataFrame({"index": batch.indices, "label": batch.labels.numpy(), **result}))
-    frame = pd.concat(frames, ignore_index=True)
+    frame = group.gather_frame(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
     frame.attrs.update(classes=list(model.classes), kinds=list(kinds))
     return frame
 
@@ -207,8 +210,10 @@ def box_fidelity(model, dataset, batch_size: int = 32, progress: bool = True, nu
     0), peak_off_after (it peaks outside the box once the box is drawn as a negative box).
     """
     rows = []
+    group = current()
     with evaluating(model):
-        for batch in iterate_batches(model, dataset, batch_size, progress, "box fidelity", num_workers):
+        for batch in iterate_batches(model, dataset, batch_size, progress and group.is_main, "box fidelity", num_workers,
+                                     rows=group.shard(len(dataset), batch_size)):
             encoding = model.encode(batch.images)
             H, W = encoding.image_size
             pairs = [(b, concept, tuple(float(v) for v in coords)) for b, boxes in enumerate(batch.boxes)
@@ -231,8 +236,8 @@ def box_fidelity(model, dataset, batch_size: int = 32, progress: bool = True, nu
                 rows.append({"index": int(batch.indices[b]), "concept": concept,
                              "width_cells": (x1 - x0) / stride, "height_cells": (y1 - y0) / stride,
                              "kept": float(kept[i]), "peak_on_before": bool(on_before[i]), "peak_off_after": not on_after[i]})
-    return pd.DataFrame(rows, columns=["index", "concept", "width_cells", "height_cells", "kept",
-                                       "peak_on_before", "peak_off_after"])
+    return group.gather_frame(pd.DataFrame(rows, columns=["index", "concept", "width_cells", "height_cells", "kept",
+                                                          "peak_on_before", "peak_off_after"]))
 
 
 def fidelity_summary(frame: pd.DataFrame, max_cells: float = 1.5) -> pd.DataFrame:

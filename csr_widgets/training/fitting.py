@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .._batching import loader
+from .._distributed import ProcessGroup, current
 from .._inference import evaluating
 from ..evaluation import metrics
 from ..model import CSRModel
-from .features import FeatureCache, cache_features, cached_scores, concept_vectors
+from .features import FeatureCache, autocast, cache_features, cached_scores, concept_vectors
 from .losses import concept_loss, pixel_loss, prototype_loss
 from .run_folder import load_progress, save_progress
 from .stages import TrainingPlan, set_stage, trainable_parts
@@ -54,49 +57,91 @@ class BestEpoch:
 
 
 # ------------------------------------------------------------------ stage 1
+class ConceptLogits(nn.Module):
+    """Stage 1's forward pass as a module of its own, images -> concept logits (B, K): what
+    DistributedDataParallel wraps, so that its gradients are averaged across processes."""
+
+    def __init__(self, model: CSRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.pool_concepts(self.model.concept_head(self.model.features(images)))
+
+
 def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None, plan: TrainingPlan, progress: bool = True, resume_from: Path | None = None) -> list[dict]:
-    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC."""
+    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC.
+
+    With several processes each one reads its share of every epoch (a DistributedSampler)
+    and DistributedDataParallel averages the gradients, so the processes stay identical;
+    an optimiser step follows every ``plan.accumulation_steps`` batches.
+    """
+    group = current()
     params = set_stage(model, 1)
     optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.concept_lr)
-    steps = plan.concept_epochs * math.ceil(len(train_set) / plan.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=max(steps, 1), pct_start=0.1)
+    bf16, pin = plan.uses_bf16(model.device), model.device.type == "cuda"
+
+    def batches(epoch: int):
+        return loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch, num_workers=plan.num_workers, pin_memory=pin)
+
+    per_epoch = math.ceil(len(batches(0)) / plan.accumulation_steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=max(plan.concept_epochs * per_epoch, 1), pct_start=0.1)
     history, best, start_epoch = [], BestEpoch(model, 1), 0
     if resume_from is not None and resume_from.is_file():
-        start_epoch, best_score = load_progress(resume_from, model, optimizer, schedule)
+        start_epoch, best_score = load_progress(resume_from, model, optimizer, schedule, layout=_layout(plan, group))
         best.record(best_score)  # with the weights saved after the last epoch
-    bar = tqdm(range(start_epoch, plan.concept_epochs), desc="stage 1: concepts", disable=not progress)
+    forward = ConceptLogits(model)
+    optimizer.zero_grad(set_to_none=True)
+    if group.distributed:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[model.device.index] if model.device.type == "cuda" else None)
+    bar = tqdm(range(start_epoch, plan.concept_epochs), desc="stage 1: concepts", disable=not (progress and group.is_main))
     for epoch in bar:
         set_stage(model, 1)
         losses = []
-        for batch in loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch):
-            features = model.features(batch["image"])
-            logits = model.pool_concepts(model.concept_head(features))
-            loss = concept_loss(logits, batch["concepts"].to(model.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        epoch_batches = batches(epoch)
+        for step, batch in enumerate(epoch_batches):
+            last = (step + 1) % plan.accumulation_steps == 0 or step + 1 == len(epoch_batches)
+            with autocast(model, bf16):
+                logits = forward(batch["image"].to(model.device, non_blocking=pin))
+            loss = concept_loss(logits.float(), batch["concepts"].to(model.device))
+            # DDP averages gradients when the last batch of a step goes backward, not before
+            with nullcontext() if last or not group.distributed else forward.no_sync():
+                (loss / plan.accumulation_steps).backward()
+            if last:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
             losses.append(loss.item())
-        score = concept_auc(model, val_set) if val_set is not None else -float(np.mean(losses))
+        train_loss = group.mean(np.mean(losses)) if losses else float("nan")
+        score = concept_auc(model, val_set, bf16=bf16) if val_set is not None else -train_loss
         best.offer(score)
-        history.append({"stage": 1, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_concept_auc": score if val_set is not None else None})
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auc=f"{score:.4f}")
+        history.append({"stage": 1, "epoch": epoch, "train_loss": train_loss, "val_concept_auc": score if val_set is not None else None})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=f"{score:.4f}")
         if resume_from is not None:
-            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score)
+            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score, layout=_layout(plan, group))
     best.restore()
     return history
 
 
-def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> float:
+def _layout(plan: TrainingPlan, group) -> dict:
+    """What a stage-1 progress file can only be resumed with: the same steps per epoch."""
+    return {"processes": group.world_size, "batch_size": plan.batch_size, "accumulation_steps": plan.accumulation_steps}
+
+
+def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: bool = False) -> float:
     """Mean over concepts of the ROC AUC of the concept logits (``metrics.concept_auc``,
-    the AUC the tables report; concepts with one class left out)."""
-    logits, truth = [], []
+    the AUC the tables report; concepts with one class left out). Each process scores its
+    share of the images; every process gets the same AUC over all of them."""
+    group = current()
+    rows = group.shard(len(dataset), batch_size)
+    logits, truth = [torch.zeros(0, len(model.concepts))], [torch.zeros(0, len(model.concepts))]
+    forward = ConceptLogits(model)
     with evaluating(model):
-        for batch in loader(dataset, batch_size):
-            features = model.features(batch["image"])
-            logits.append(model.pool_concepts(model.concept_head(features)).cpu())
-            truth.append(batch["concepts"])
-    return metrics.mean_auc(metrics.concept_auc(torch.cat(truth), torch.cat(logits)))
+        for batch in loader(Subset(dataset, rows), batch_size, group=ProcessGroup()):
+            with autocast(model, bf16):
+                logits.append(forward(batch["image"]).float().cpu())
+            truth.append(batch["concepts"].float())
+    return metrics.mean_auc(metrics.concept_auc(group.gather_rows(torch.cat(truth)), group.gather_rows(torch.cat(logits))))
 
 
 # ------------------------------------------------------------------ stage 2
@@ -109,6 +154,8 @@ def train_prototypes(model: CSRModel, train: FeatureCache, val: FeatureCache | N
     """
     config = model.config
     generator = torch.Generator().manual_seed(plan.seed)
+    if config.pixel_loss_weight > 0:  # the pixel term reads any image's feature map
+        train = train.gathered()
     vectors, concepts, images = concept_vectors(model, train)
     if len(vectors) == 0:
         raise ValueError("No training image has any concept present: stage 2 has nothing to learn from.")
@@ -213,7 +260,7 @@ def calibrate_novelty(model: CSRModel, train: Dataset | FeatureCache, val: Datas
     stage 3 starts; call it for a model saved without them, then save it again.
     """
     caches = [d if d is None or isinstance(d, FeatureCache) else cache_features(model, d, progress=progress) for d in (train, val)]
-    model.novelty.fit(caches[0].features, None if caches[1] is None else caches[1].features, quantile)
+    model.novelty.fit(caches[0].pooled_features(), None if caches[1] is None else caches[1].pooled_features(), quantile)
     return float(model.novelty.threshold)
 
 

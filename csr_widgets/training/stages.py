@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 STAGES: dict[int, tuple[str, tuple[str, ...]]] = {
@@ -36,6 +37,26 @@ class TrainingPlan:
     task_lr: float = 1e-2  # AdamW, stage 3
     weight_decay: float = 1e-4  # on weights; never on prototypes, norms or biases
     seed: int = 0  # everything random in training follows from it
+    # How the work runs; none of these changes what is learnt beyond rounding
+    # (docs/training.md). Batches are per process: with N processes a step sees N x batch_size.
+    accumulation_steps: int = 1  # stage-1 batches whose gradients add up to one optimiser step
+    num_workers: int = 0  # DataLoader worker processes reading and decoding images
+    bf16: bool | None = None  # bfloat16 autocast for the images' pass; None: on CUDA only
+    channels_last: bool | None = None  # NHWC layout for the convolutions; None: on CUDA only
+
+    def __post_init__(self) -> None:
+        for name in ("concept_epochs", "prototype_epochs", "task_epochs", "num_workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainingPlan.{name} must be an integer >= 0, got {getattr(self, name)!r}.")
+        for name in ("batch_size", "vector_batch_size", "accumulation_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainingPlan.{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+
+    def uses_bf16(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.bf16 is None else self.bf16
+
+    def uses_channels_last(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.channels_last is None else self.channels_last
 
 
 def trainable_parts(stage: int) -> tuple[str, ...]:
