@@ -99,12 +99,12 @@ def _explain(args) -> int:
 
 
 def _train(args) -> int:
-    from ._distributed import launch, shutdown
+    from ._distributed import shutdown
     from .model import CSRModel
     from .pretrained import bundled_path
     from .training import train
 
-    group = _launch("train", launch)
+    group = _launch("train")
     say = print if group.is_main else _quiet
     try:
         with _usage_errors("train"):
@@ -141,25 +141,28 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from ._distributed import launch, shutdown
+    from ._distributed import shutdown
     from .data.sources import parse_source
     from .evaluation import off_target_prototypes, paper_tables
     from .evaluation.atlas import load_atlas
     from .model import CSRModel
     from .pretrained import RECIPES, load_pretrained
+    from .pretrained import recipe as find_recipe
 
-    group = _launch("evaluate", launch)
+    group = _launch("evaluate")
     try:
         device = _device(args, group)
         bundled = args.checkpoint in RECIPES
         model = load_pretrained(args.checkpoint, device=device) if bundled else CSRModel.load(args.checkpoint, device=device)
-        recipe = RECIPES[args.checkpoint if bundled else "synthetic-cxr"]
         run = _run_record(None if bundled else Path(args.checkpoint))
         with _usage_errors("evaluate"):
+            # the recipe it was trained with: its split keywords (synthetic) or loader options (e.g. VinDr's presence rule)
+            recipe = find_recipe(args.checkpoint if bundled else run.get("recipe") or "synthetic-cxr")
             source = parse_source(args.data or "synthetic")
             options = _loader_options(recipe, source)
             size = {"image_size": model.config.image_size, "channels": model.config.in_channels}
-            test_set = source.dataset("test", **size, split=args.split, **options("test", n=args.n))
+            chosen = {"split": args.split} if args.split else {}
+            test_set = source.dataset("test", **size, **{**options("test", n=args.n), **chosen})
         refined = None
         try:  # "after atlas refinement": prune prototypes whose atlas match misses their concept
             atlas = load_atlas(args.checkpoint if bundled else Path(args.checkpoint).with_suffix(".atlas.safetensors"))
@@ -203,9 +206,9 @@ def _quiet(*_args, **_kwargs) -> None:
     """print on every process but the main one."""
 
 
-def _launch(command: str, launch):
+def _launch(command: str):
     """The process group torchrun describes (one process without torchrun)."""
-    from ._distributed import LaunchError
+    from ._distributed import LaunchError, launch
 
     try:
         return launch()
@@ -284,8 +287,9 @@ def _loader_options(recipe, source):
     """role -> the keywords of that role's dataset: a synthetic recipe's SyntheticCXR
     keywords of the split, or a dataset recipe's loader options (none for a prepared cache)."""
     def options(role: str, n: int | None = None) -> dict:
-        if source.kind == "synthetic":
-            return {**getattr(recipe, role), **({"n": n} if n else {})}
+        if source.kind == "synthetic":  # the size and channels are the model's
+            keywords = {k: v for k, v in getattr(recipe, role).items() if k not in ("image_size", "channels")}
+            return {**keywords, **({"n": n} if n else {})}
         return dict(getattr(recipe, role)) if recipe is not None and recipe.data == source.kind else {}
     return options
 

@@ -89,13 +89,14 @@ class PreparedImages(Dataset):
 
 
 def prepare(source, out, image_size: int, channels: int | None = None, roles=("train", "val", "test"),
-            num_workers: int = 0, batch_size: int = 16, progress: bool = True, **options) -> Path:
+            num_workers: int = 0, batch_size: int = 16, progress: bool = True, options: dict | None = None) -> Path:
     """Decode every role of ``source`` (a ``sources.DataSource``) once, at ``image_size``,
     into the cache folder ``out``; returns the manifest's path. A role the source lacks
     (e.g. TBX11K without a val JSON) is skipped, and named in the manifest's "skipped".
 
     channels: None takes the source's; num_workers: DataLoader workers decoding in
-    parallel; options: the loader's keywords (e.g. ``presence="majority"`` for VinDr).
+    parallel; options: role -> the loader's keywords (e.g. ``{"train": {"presence":
+    "majority"}, ...}`` for VinDr; a synthetic source needs its SyntheticCXR keywords).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def prepare(source, out, image_size: int, channels: int | None = None, roles=("t
                 "roles": {}, "skipped": {}}
     for role in roles:
         try:
-            dataset = source.dataset(role, image_size=image_size, channels=channels, **options)
+            dataset = source.dataset(role, image_size=image_size, channels=channels, **(options or {}).get(role, {}))
         except FileNotFoundError as missing:
             manifest["skipped"][role] = str(missing)
             continue

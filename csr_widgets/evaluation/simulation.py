@@ -247,7 +247,7 @@ def fidelity_summary(frame: pd.DataFrame, max_cells: float = 1.5) -> pd.DataFram
     small = frame[(frame["width_cells"] <= max_cells) & (frame["height_cells"] <= max_cells)]
 
     def summary(rows: pd.DataFrame, small_rows: pd.DataFrame) -> dict:
-        on = rows[rows["peak_on_before"]]
+        on = rows[rows["peak_on_before"].astype(bool)]  # (an empty column is object: pandas would read it as names)
         return {"boxes": len(rows), f"small (<= {max_cells:g} cells)": len(small_rows),
                 "kept (small, mean)": small_rows["kept"].mean(), "kept (small, 5th pct)": small_rows["kept"].quantile(0.05),
                 "peak moved off": rows["peak_off_after"].mean(), "peak moved off (was on)": on["peak_off_after"].mean()}

@@ -85,10 +85,12 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
         return loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch, num_workers=plan.num_workers, pin_memory=pin)
 
     per_epoch = math.ceil(len(batches(0)) / plan.accumulation_steps)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=max(plan.concept_epochs * per_epoch, 1), pct_start=0.1)
+    steps = max(plan.concept_epochs * per_epoch, 1)
+    # OneCycleLR divides by pct_start * steps - 1: zero for exactly 10 steps (a tiny run)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=steps, pct_start=0.1 if steps != 10 else 0.15)
     history, best, start_epoch = [], BestEpoch(model, 1), 0
     if resume_from is not None and resume_from.is_file():
-        start_epoch, best_score = load_progress(resume_from, model, optimizer, schedule, layout=_layout(plan, group))
+        start_epoch, best_score, history = load_progress(resume_from, model, optimizer, schedule, layout=_layout(plan, group))
         best.record(best_score)  # with the weights saved after the last epoch
     forward = ConceptLogits(model)
     optimizer.zero_grad(set_to_none=True)
@@ -118,7 +120,7 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
         history.append({"stage": 1, "epoch": epoch, "train_loss": train_loss, "val_concept_auc": score if val_set is not None else None})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=f"{score:.4f}")
         if resume_from is not None:
-            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score, layout=_layout(plan, group))
+            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score, layout=_layout(plan, group), history=history)
     best.restore()
     return history
 

@@ -41,24 +41,27 @@ def save_model_file(model: CSRModel, path: Path) -> None:
     _write(path, model.save)
 
 
-def save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: float, layout: dict | None = None) -> None:
+def save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: float, layout: dict | None = None,
+                  history: list[dict] | None = None) -> None:
     """Model and optimiser state as tensors; counters as JSON metadata (nothing pickled).
 
     layout: what the schedule's step count depends on (processes, batch size, ...): a
-    resumed run must match it."""
+    resumed run must match it. history: the stage's rows so far, which a resumed run keeps."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
     for index, slots in state["state"].items():
         for name, value in slots.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).contiguous().cpu()
     metadata = {"epoch": str(epoch), "best": json.dumps(best), "schedule": json.dumps(schedule.state_dict(), default=float),
-                "param_groups": json.dumps(state["param_groups"]), "layout": json.dumps(layout or {})}
+                "param_groups": json.dumps(state["param_groups"]), "layout": json.dumps(layout or {}),
+                "history": json.dumps(history or [])}
     _write(path, lambda target: save_file(tensors, str(target), metadata=metadata))
 
 
-def load_progress(path: Path, model: CSRModel, optimizer, schedule, layout: dict | None = None) -> tuple[int, float]:
-    """Restore what ``save_progress`` wrote; returns (epochs done, best validation score).
-    Refuses a file written with another ``layout`` (its schedule would not fit)."""
+def load_progress(path: Path, model: CSRModel, optimizer, schedule, layout: dict | None = None) -> tuple[int, float, list[dict]]:
+    """Restore what ``save_progress`` wrote; returns (epochs done, best validation score,
+    the history rows of those epochs). Refuses a file written with another ``layout`` (its
+    schedule would not fit)."""
     tensors, metadata = read_tensors(path, "training progress file")
     saved = json.loads(metadata.get("layout", "{}"))
     if layout is not None and saved and saved != layout:
@@ -73,7 +76,7 @@ def load_progress(path: Path, model: CSRModel, optimizer, schedule, layout: dict
             slots.setdefault(int(index), {})[name] = value.to(model.device)
     optimizer.load_state_dict({"state": slots, "param_groups": json.loads(metadata["param_groups"])})
     schedule.load_state_dict(json.loads(metadata["schedule"]))
-    return int(metadata["epoch"]), json.loads(metadata["best"])
+    return int(metadata["epoch"]), json.loads(metadata["best"]), json.loads(metadata.get("history", "[]"))
 
 
 def merge_history(path: Path, new: pd.DataFrame) -> pd.DataFrame:
