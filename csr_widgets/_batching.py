@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from ._distributed import ProcessGroup, current
+from ._distributed import ProcessGroup
 
 
 def collate(items: list[dict]) -> dict:
@@ -51,15 +51,14 @@ def loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_w
 
     num_workers: processes that read and decode images while the model computes (0: in
     this process); pin_memory: page-locked batches, for faster copies to a GPU.
-    group: with several processes, each one reads its own share of every epoch through a
-    ``DistributedSampler`` (shuffled by ``seed``, padded to equal shares); None: the
-    current group (``_distributed.current()``).
+    group: a process group of several processes: each one reads its own share of every
+    epoch through a ``DistributedSampler`` (shuffled by ``seed``, padded to equal shares);
+    None: this process reads every batch.
     """
-    group = current() if group is None else group
     generator = torch.Generator().manual_seed(seed)
     options = dict(batch_size=batch_size, collate_fn=collate, generator=generator, num_workers=num_workers,
                    pin_memory=pin_memory, persistent_workers=False)
-    if group.distributed:
+    if group is not None and group.distributed:
         sampler = DistributedSampler(dataset, group.world_size, group.rank, shuffle=shuffle, seed=seed)
         return DataLoader(dataset, sampler=sampler, **options)
     return DataLoader(dataset, shuffle=shuffle, **options)

@@ -118,17 +118,6 @@ class ProcessGroup:
                 dist.broadcast(value, src=0)
                 tensor.copy_(value.to(tensor.device))
 
-    def broadcast_object(self, value):
-        """Rank 0's ``value`` (plain JSON data) on every process."""
-        if not self.distributed:
-            return value
-        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8) if self.is_main else torch.zeros(0, dtype=torch.uint8)
-        size = torch.tensor([len(data)], device=self.device)
-        dist.broadcast(size, src=0)
-        buffer = data.to(self.device) if self.is_main else torch.zeros(int(size), dtype=torch.uint8, device=self.device)
-        dist.broadcast(buffer, src=0)
-        return json.loads(bytes(buffer.cpu().numpy()).decode())
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(device_ids=[self.local_rank] if self.backend == "nccl" else None)

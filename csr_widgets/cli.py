@@ -236,9 +236,8 @@ def _seed(seed: int) -> None:
 def _device(args, group):
     import torch
 
-    if args.device is not None:
-        return torch.device(args.device)
-    return torch.device("cuda", group.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device("cuda", group.local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def _training_setup(args):

@@ -70,6 +70,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(rank: int, port: int) -> ProcessGroup:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return launch(backend="gloo")
+
+
+def _collectives(rank: int, port: int, out: str):
+    """Each collective with uneven and empty shares; what rank 0 saw, written under ``out``."""
+    group = _join(rank, port)
+    try:
+        rows = torch.arange(3 * rank, dtype=torch.float32).view(-1, 3)  # rank 0: no rows, rank 1: 1 row
+        flags = torch.tensor([True, False, True][: 2 + rank])
+        module = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(module.weight, float(rank))
+        group.broadcast_module(module)
+        frame = pd.DataFrame() if rank == 0 else pd.DataFrame({"index": [5, 6], "concept": ["nodule", "cavity"], "kept": [0.5, 1.0]})
+        gathered = group.gather_frame(frame)
+        result = {"rows": group.gather_rows(rows).tolist(), "flags": group.gather_rows(flags).tolist(),
+                  "total": group.total(torch.tensor([rank + 1.0])).tolist(), "mean": group.mean(rank),
+                  "weight": module.weight.flatten().tolist(), "frame": gathered.to_dict("list"),
+                  "dtypes": [str(t) for t in gathered.dtypes]}
+        with open(f"{out}/rank{rank}.json", "w") as handle:
+            json.dump(result, handle)
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_collectives_gather_uneven_shares_in_rank_order(tmp_path):
+    mp.spawn(_collectives, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["rows"] == [[0.0, 1.0, 2.0]] and seen["flags"] == [True, False, True, False, True]
+        assert seen["total"] == [3.0] and seen["mean"] == 0.5 and seen["weight"] == [0.0] * 4  # rank 0's weights
+        assert seen["frame"] == {"index": [5, 6], "concept": ["nodule", "cavity"], "kept": [0.5, 1.0]}
+        expected = pd.DataFrame({"index": [5], "concept": ["nodule"], "kept": [0.5]}).dtypes  # as the sender's
+        assert seen["dtypes"] == [str(t) for t in expected]
+
+
 def _datasets():
     return Squares(240), Squares(60, seed=1), Squares(100, seed=2)
 
@@ -97,9 +136,7 @@ class InterruptAt(torch.utils.data.Dataset):
 
 def _worker(rank: int, port: int, out: str, interrupt_after: int | None):
     """One process of a 2-process run: train, atlas, evaluation; results under ``out``."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    group = launch(backend="gloo")
+    group = _join(rank, port)
     try:
         train_set, val_set, test_set = _datasets()
         model = toy_model(seed=rank)  # different initial weights: training must start from rank 0's

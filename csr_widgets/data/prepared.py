@@ -29,7 +29,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .._batching import loader
-from .._distributed import ProcessGroup
 from .pixels import resize_image, to_channels
 
 FORMAT = "csr_widgets.prepared/1"
@@ -122,7 +121,7 @@ def _write_role(dataset, out: Path, role: str, size: int, channels: int, num_wor
     per_shard = max(1, SHARD_BYTES // (2 * channels * size * size))
     annotations = {"ids": [], "labels": [], "concepts": [], "boxes": []}
     pending, shard = [], 0
-    batches = loader(dataset, batch_size, num_workers=num_workers, group=ProcessGroup())  # one process writes
+    batches = loader(dataset, batch_size, num_workers=num_workers)
     for batch in tqdm(batches, desc=f"preparing {role}", disable=not progress):
         pixels = np.round(batch["image"].clamp(0, 1).numpy() * _TOP).astype(np.uint16)
         pending.extend(pixels)

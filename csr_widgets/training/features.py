@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .._batching import loader
-from .._distributed import ProcessGroup, current
+from .._distributed import current
 from .._inference import evaluating
 from ..model import CSRModel
 from .losses import local_concept_vectors
@@ -86,7 +86,7 @@ def cache_features(model: CSRModel, dataset: Dataset, batch_size: int = CACHE_BA
     rows = group.shard(len(dataset), batch_size)
     part = dataset if len(rows) == len(dataset) else Subset(dataset, rows)
     features, concepts, labels = [], [], []
-    batches = loader(part, batch_size, num_workers=num_workers, pin_memory=model.device.type == "cuda", group=ProcessGroup())  # already this process's share
+    batches = loader(part, batch_size, num_workers=num_workers, pin_memory=model.device.type == "cuda")  # this process's share
     image_size = None
     with evaluating(model, autograd=torch.no_grad):  # the cache feeds stages 2 and 3: no inference tensors
         for step, batch in enumerate(tqdm(batches, desc="caching features", disable=not (progress and group.is_main), leave=False)):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .._batching import loader
-from .._distributed import ProcessGroup, current
+from .._distributed import current
 from .._inference import evaluating
 from ..evaluation import metrics
 from ..model import CSRModel
@@ -82,7 +82,7 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
     bf16, pin = plan.uses_bf16(model.device), model.device.type == "cuda"
 
     def batches(epoch: int):
-        return loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch, num_workers=plan.num_workers, pin_memory=pin)
+        return loader(train_set, plan.batch_size, shuffle=True, seed=plan.seed + epoch, num_workers=plan.num_workers, pin_memory=pin, group=group)
 
     per_epoch = math.ceil(len(batches(0)) / plan.accumulation_steps)
     steps = max(plan.concept_epochs * per_epoch, 1)
@@ -139,7 +139,7 @@ def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: b
     logits, truth = [torch.zeros(0, len(model.concepts))], [torch.zeros(0, len(model.concepts))]
     forward = ConceptLogits(model)
     with evaluating(model):
-        for batch in loader(Subset(dataset, rows), batch_size, group=ProcessGroup()):
+        for batch in loader(Subset(dataset, rows), batch_size):
             with autocast(model, bf16):
                 logits.append(forward(batch["image"]).float().cpu())
             truth.append(batch["concepts"].float())
