@@ -115,7 +115,7 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
                 schedule.step()
             losses.append(loss.item())
         train_loss = group.mean(np.mean(losses)) if losses else float("nan")
-        score = concept_auc(model, val_set, bf16=bf16) if val_set is not None else -train_loss
+        score = concept_auc(model, val_set, bf16=bf16, num_workers=plan.num_workers) if val_set is not None else -train_loss
         best.offer(score)
         history.append({"stage": 1, "epoch": epoch, "train_loss": train_loss, "val_concept_auc": score if val_set is not None else None})
         bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=f"{score:.4f}")
@@ -130,7 +130,7 @@ def _layout(plan: TrainingPlan, group) -> dict:
     return {"processes": group.world_size, "batch_size": plan.batch_size, "accumulation_steps": plan.accumulation_steps}
 
 
-def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: bool = False) -> float:
+def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: bool = False, num_workers: int = 0) -> float:
     """Mean over concepts of the ROC AUC of the concept logits (``metrics.concept_auc``,
     the AUC the tables report; concepts with one class left out). Each process scores its
     share of the images; every process gets the same AUC over all of them."""
@@ -139,7 +139,7 @@ def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: b
     logits, truth = [torch.zeros(0, len(model.concepts))], [torch.zeros(0, len(model.concepts))]
     forward = ConceptLogits(model)
     with evaluating(model):
-        for batch in loader(Subset(dataset, rows), batch_size):
+        for batch in loader(Subset(dataset, rows), batch_size, num_workers=num_workers, pin_memory=model.device.type == "cuda"):
             with autocast(model, bf16):
                 logits.append(forward(batch["image"]).float().cpu())
             truth.append(batch["concepts"].float())
