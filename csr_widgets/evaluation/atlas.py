@@ -27,7 +27,7 @@ class Atlas:
     """Per prototype (K concepts x M prototypes):
 
     image_index: (K, M) long   training image of the best match (-1: concept never present)
-    location:    (K, M, 2)     (x, y) pixel of the peak of the prototype's map in that image
+    location:    (K, M, 2)     (x, y) pixel of the peak of the prototype's map in that image (FeatureGrid.peak_pixels)
     similarity:  (K, M)        cosine of p_km and that image's v'_k
     usage:       (K, M) long   training vectors of concept k whose nearest prototype is m
     crop_boxes:  (K, M, 4)     (x0, y0, x1, y1) of the crop in the image's pixels
@@ -112,12 +112,9 @@ def build_atlas(model: CSRModel, dataset: Dataset, crop_size: int = 64, crop_fra
     flat = image_index.clamp(min=0).flatten()
     patches = model.project(cache.features[flat].to(model.device))  # (KM, h, w, D)
     own_maps = torch.einsum("nhwd,nd->nhw", patches, prototypes.flatten(0, 1)).cpu()  # each prototype's own map
-    h, w = own_maps.shape[-2:]
-    cell = own_maps.flatten(1).argmax(-1)
-    ys, xs = model.grid.centres(h)[cell // w], model.grid.centres(w)[cell % w]
-    location = torch.stack([xs, ys], -1).view(K, M, 2)
-
     H, W = cache.image_size
+    location = model.grid.peak_pixels(own_maps, (H, W)).flip(-1).view(K, M, 2)  # (y, x) -> (x, y)
+
     side = max(1.0, crop_fraction * min(H, W))
     x0 = (location[..., 0] - side / 2).clamp(0, max(W - side, 0))
     y0 = (location[..., 1] - side / 2).clamp(0, max(H - side, 0))

@@ -128,15 +128,18 @@ def concept_vectors(model: CSRModel, cache: FeatureCache, batch_size: int = 256)
 
 # ------------------------------------------------------------------ stage 1
 def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None, plan: TrainingPlan, progress: bool = True, resume_from: Path | None = None) -> list[dict]:
-    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC."""
+    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC,
+    ties broken by the lower validation BCE (ours: on SyntheticCXR the AUC reaches 1.0 within
+    a few epochs, and keeping the first such epoch kept an under-trained backbone;
+    docs/decisions.md)."""
     params = set_stage(model, 1)
     optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.concept_lr)
     steps = plan.concept_epochs * math.ceil(len(train_set) / plan.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.concept_lr, total_steps=max(steps, 1), pct_start=0.1)
-    history, best, start_epoch = [], (-math.inf, None), 0
+    history, best, start_epoch = [], ([-math.inf, -math.inf], None), 0  # ([AUC, -BCE], state)
     if resume_from is not None and resume_from.is_file():
         start_epoch, best_score = _load_progress(resume_from, model, optimizer, schedule)
-        best = (best_score, _trainable_state(model, 1))
+        best = (list(np.atleast_1d(best_score)) + [-math.inf])[:2], _trainable_state(model, 1)
     bar = tqdm(range(start_epoch, plan.concept_epochs), desc="stage 1: concepts", disable=not progress)
     for epoch in bar:
         set_stage(model, 1)
@@ -150,11 +153,13 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-        score = concept_auc(model, val_set) if val_set is not None else -float(np.mean(losses))
+        auc, val_loss = concept_validation(model, val_set) if val_set is not None else (None, None)
+        score = [auc, -val_loss] if val_set is not None else [-float(np.mean(losses)), 0.0]
         if score > best[0]:
             best = (score, _trainable_state(model, 1))
-        history.append({"stage": 1, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_concept_auc": score if val_set is not None else None})
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auc=f"{score:.4f}")
+        history.append({"stage": 1, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_concept_auc": auc,
+                        "val_concept_loss": val_loss})
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_auc=f"{score[0]:.4f}")
         if resume_from is not None:
             _save_progress(resume_from, model, optimizer, schedule, epoch + 1, best[0])
     if best[1] is not None:
@@ -163,9 +168,14 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
     return history
 
 
-@torch.no_grad()
 def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> float:
     """Mean over concepts of the ROC AUC of the concept logits (concepts with one class skipped)."""
+    return concept_validation(model, dataset, batch_size)[0]
+
+
+@torch.no_grad()
+def concept_validation(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> tuple[float, float]:
+    """(concept AUC as ``concept_auc``, mean BCE of the concept logits) on a dataset."""
     model.eval()
     logits, truth = [], []
     for batch in loader(dataset, batch_size):
@@ -174,7 +184,8 @@ def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64) -> floa
         truth.append(batch["concepts"])
     logits, truth = torch.cat(logits).numpy(), torch.cat(truth).numpy()
     aucs = [roc_auc_score(truth[:, k], logits[:, k]) for k in range(truth.shape[1]) if 0 < truth[:, k].sum() < len(truth)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    loss = concept_loss(torch.from_numpy(logits), torch.from_numpy(truth)).item()
+    return (float(np.mean(aucs)) if aucs else float("nan")), loss
 
 
 # ------------------------------------------------------------------ stage 2
@@ -435,7 +446,7 @@ def _trainable_state(model: CSRModel, stage: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".")[0] in parts}
 
 
-def _save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: float) -> None:
+def _save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: list[float]) -> None:
     """Model and optimiser state as tensors; counters as JSON metadata (nothing pickled)."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
@@ -447,7 +458,7 @@ def _save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int,
     save_file(tensors, str(path), metadata=metadata)
 
 
-def _load_progress(path: Path, model: CSRModel, optimizer, schedule) -> tuple[int, float]:
+def _load_progress(path: Path, model: CSRModel, optimizer, schedule) -> tuple[int, list[float] | float]:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
