@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="paper-style tables for a checkpoint on a dataset")
     evaluate.add_argument("checkpoint", nargs="?", default="synthetic-cxr", help="a .safetensors file or a bundled name")
     evaluate.add_argument("--n", type=int, default=1000, help="held-out synthetic images")
+    evaluate.add_argument("--seed", type=int, default=None, help="seed of the held-out synthetic set (default: the recipe's)")
     evaluate.add_argument("--markdown", action="store_true")
 
     demo = commands.add_parser("demo", help="open the teaching notebook with the live explorer in JupyterLab")
@@ -116,7 +117,8 @@ def _evaluate(args) -> int:
     model = load_pretrained(args.checkpoint) if bundled else CSRModel.load(args.checkpoint)
     recipe = RECIPES[args.checkpoint if bundled else "synthetic-cxr"]
     size = {"image_size": model.config.image_size}
-    test_set = SyntheticCXR(**{**recipe.test, "n": args.n, **size})
+    seed = {} if args.seed is None else {"seed": args.seed}
+    test_set = SyntheticCXR(**{**recipe.test, "n": args.n, **size, **seed})
     refined = None
     try:  # "after atlas refinement": prune prototypes whose atlas match misses their concept
         atlas = load_atlas(args.checkpoint if bundled else Path(args.checkpoint).with_suffix(".atlas.safetensors"))
