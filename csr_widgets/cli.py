@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--split", default=None, help="the format's own split to evaluate (default: the source's test role)")
     evaluate.add_argument("--n", type=int, default=1000, help="held-out synthetic images")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per process per batch")
+    evaluate.add_argument("--seed", type=int, default=None, help="seed of the held-out synthetic set (default: the recipe's)")
     evaluate.add_argument("--markdown", action="store_true")
     _add_runtime_arguments(evaluate)
 
@@ -162,6 +163,8 @@ def _evaluate(args) -> int:
             options = _loader_options(recipe, source)
             size = {"image_size": model.config.image_size, "channels": model.config.in_channels}
             chosen = {"split": args.split} if args.split else {}
+            if args.seed is not None and source.kind == "synthetic":
+                chosen["seed"] = args.seed
             test_set = source.dataset("test", **size, **{**options("test", n=args.n), **chosen})
         refined = None
         try:  # "after atlas refinement": prune prototypes whose atlas match misses their concept

@@ -22,6 +22,9 @@ class Recipe:
 
 
 _SYNTHETIC = dict(seed=0, image_size=160)
+# Not in the recipe: film augmentation (SyntheticCXR's anatomy_scale, gamma and contrast
+# as ranges). Trained with it, the model's cardiomegaly evidence moved out of the heart's
+# box (Pointing Game 0 %); docs/decisions.md#film-augmentation has the measurements.
 RECIPES: dict[str, Recipe] = {
     "synthetic-cxr": Recipe(
         config=dict(

@@ -83,6 +83,40 @@ def test_nodules_are_small_and_the_scene_is_the_same_at_every_size():
     assert widths and max(widths) < 0.10
 
 
+def test_film_settings_scale_the_patient_and_the_exposure_deterministically():
+    plain = SyntheticCXR(n=6, seed=3, image_size=96, split="test")
+    same = plain.replace(anatomy_scale=1.0, gamma=1.0, contrast=1.0)
+    for index in range(6):  # the defaults change nothing
+        assert torch.equal(plain[index]["image"], same[index]["image"])
+    # magnification about the image centre: every box grows (or shrinks) about (48, 48)
+    for zoom in (0.85, 1.15):
+        scaled = plain.replace(anatomy_scale=zoom)
+        for index in range(6):
+            for (_, *a), (_, *b) in zip(plain[index]["boxes"], scaled[index]["boxes"]):
+                centre = [(a[0] + a[2]) / 2 - 48, (a[1] + a[3]) / 2 - 48]
+                moved = [(b[0] + b[2]) / 2 - 48, (b[1] + b[3]) / 2 - 48]
+                assert moved == pytest.approx([zoom * c for c in centre], abs=1.5)
+    # exposure by hand: pixels ** gamma, then contrast about the mean, clipped
+    image = plain[2]["image"][0].numpy()
+    exposed = plain.replace(gamma=0.7, contrast=1.2)[2]["image"][0].numpy()
+    curved = image ** np.float32(0.7)
+    np.testing.assert_allclose(exposed, np.clip(curved.mean() + 1.2 * (curved - curved.mean()), 0, 1), atol=1e-6)
+    # ranges: one draw per item, within the range, the same at every access
+    ranged = plain.replace(anatomy_scale=(0.85, 1.15), gamma=(0.7, 1.4), contrast=(0.8, 1.2))
+    draws = [ranged.film_settings(i) for i in range(6)]
+    assert draws == [ranged.film_settings(i) for i in range(6)] and len({d["gamma"] for d in draws}) == 6
+    assert all(0.85 <= d["anatomy_scale"] <= 1.15 and 0.7 <= d["gamma"] <= 1.4 and 0.8 <= d["contrast"] <= 1.2 for d in draws)
+    fixed = plain.replace(**draws[4])
+    assert torch.equal(ranged[4]["image"], fixed[4]["image"]) and ranged[4]["boxes"] == fixed[4]["boxes"]
+
+
+def test_a_corner_marker_keeps_its_size_when_the_patient_is_scaled():
+    data = SyntheticCXR(n=40, seed=0, image_size=128, shortcut="marker", shortcut_correlation=0.0)
+    index = next(i for i in range(40) if data[i]["shortcut_box"] is not None)
+    for zoom in (0.85, 1.15):
+        assert data.replace(anatomy_scale=zoom)[index]["shortcut_box"] == data[index]["shortcut_box"]
+
+
 def test_label_rule_by_hand():
     zero = [0, 0, 0, 0, 0, 0]
     assert label_of(zero) == 0
@@ -192,6 +226,9 @@ def test_lesion_controls():
         (dict(lesions={"cavity": {"prevalence": 0.0}, "nodule": {"prevalence": 0.0}}), "impossible"),
         (dict(label_noise=1.0), "label_noise"),
         (dict(channels=2), "channels"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(anatomy_scale=(1.1, 0.9)), "anatomy_scale"),
+        (dict(contrast=(-1, 1)), "contrast"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):

@@ -110,6 +110,23 @@ def test_tied_maxima_are_not_an_any_hit():
     assert on_first.hits(0)[0, 0] == 1.0
 
 
+def test_concept_points_are_the_sub_cell_peaks_of_the_best_active_prototype():
+    grid = FeatureGrid(channels=1, stride=8, offset=0.0)
+    maps = torch.zeros(1, 2, 2, 4, 4)  # (B, K, M, h, w)
+    maps[0, 0, 0, 1, 1:4] = torch.tensor([0.2, 0.9, 0.6])  # prototype 0: peak at cell (1, 2)
+    maps[0, 0, 1, 3, 0] = 0.95  # prototype 1: higher, at a corner
+    mask = torch.tensor([[True, False], [False, False]])  # prototype 1 pruned; concept 1 dead
+    points = metrics.concept_points(maps, grid, (32, 32), mask)
+    # x: 2 + (0.2 - 0.6) / (2 (0.2 - 1.8 + 0.6)) = 2.2 cells = 17.6 px -> pixel 18; y: the row's centre
+    assert points[0, 0].tolist() == [8.0, 18.0] and torch.isnan(points[0, 1]).all()
+    assert metrics.concept_points(maps, grid, (32, 32))[0, 0].tolist() == [24.0, 0.0]  # nothing pruned
+    # the pointing game scores these points; the upsampled saliency's argmax stays on a cell centre
+    saliency = metrics.concept_saliency(maps, grid, (32, 32), mask)
+    box = [[("a", 17, 4, 24, 12)]]  # holds pixel x 18 but not the cell centre x 16
+    assert metrics.point_concepts(saliency[:, :1], box, ["a"], points=points[:, :1]).hits(0)[0, 0] == 1.0
+    assert metrics.point_concepts(saliency[:, :1], box, ["a"]).hits(0)[0, 0] == 0.0
+
+
 def test_empty_boxes_are_ignored_and_shortcut_landings_counted_apart():
     # concept a: only an empty box -> not evaluated; b: an empty box and a real one;
     # c: peaks on the shortcut box (a miss, counted as a shortcut landing).

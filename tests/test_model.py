@@ -105,6 +105,29 @@ def test_upsampling_puts_cell_values_on_their_centre_pixels():
     assert nearest[3, 3] == cells[0, 0] and nearest[4, 4] == cells[1, 1] and nearest[19, 19] == cells[2, 2] and nearest[20, 20] == cells[3, 3]
 
 
+def test_peaks_find_the_vertex_of_a_sampled_parabola_below_the_cell_size():
+    grid = FeatureGrid(channels=1, stride=8, offset=0.0)
+    # cells sample 1 - ((j - 2.3)^2 + (i - 3.6)^2) / 9 around (2.3, 3.6): a parabola along
+    # each axis, so the three-point fit recovers the vertex exactly, in pixels 8 * cells
+    j, i = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    maps = 1 - ((j - 2.3) ** 2 + (i - 3.6) ** 2) / 9
+    torch.testing.assert_close(grid.peaks(maps), torch.tensor([8 * 2.3, 8 * 3.6]))
+    torch.testing.assert_close(grid.peak_pixels(maps, (48, 48)), torch.tensor([18.0, 29.0]))  # 18.4, 28.8
+    # by hand: left 0, centre 1, right 0.5 -> (0 - 0.5) / (2 (0 - 2 + 0.5)) = 1/6 of a cell
+    by_hand = torch.zeros(1, 2, 5, 5)
+    by_hand[0, 0, 2, 1:4] = torch.tensor([0.0, 1.0, 0.5])
+    # edge cells and plateaus keep the centre; ties go to the first maximum (row-major)
+    by_hand[0, 1, 0, 4] = by_hand[0, 1, 3, 0] = 1.0
+    patchify = FeatureGrid(channels=1, stride=4, offset=1.5)
+    torch.testing.assert_close(patchify.peaks(by_hand), torch.tensor([[[9.5, 1.5 + 4 * (2 + 1 / 6)], [1.5, 17.5]]]))
+    assert grid.peaks(torch.ones(3, 3)).tolist() == [0.0, 0.0]
+    # the fit never leaves the maximum's cell: at most half a cell off its centre
+    noisy = torch.rand(64, 7, 7, generator=torch.Generator().manual_seed(0))
+    cells = noisy.flatten(1).argmax(1)
+    centres = torch.stack([cells // 7, cells % 7], -1) * 8.0
+    assert (grid.peaks(noisy) - centres).abs().max() <= 4.0
+
+
 def test_grid_probe_measures_known_offsets():
     resnet = CSRModel(small_config(image_size=64))
     assert resnet.grid.offset == 0.0  # "same" padding centres cell j on pixel 8j

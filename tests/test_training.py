@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,7 +13,7 @@ from csr_widgets.evaluation.atlas import Atlas, build_atlas
 from csr_widgets.training import STAGES, TrainingPlan, set_stage, train
 from csr_widgets.training.losses import local_concept_vectors, prototype_loss
 from csr_widgets.training.features import cache_features
-from csr_widgets.training.fitting import _reseed, refit_task_head, train_prototypes
+from csr_widgets.training.fitting import _reseed, concept_validation, refit_task_head, train_concepts, train_prototypes
 
 
 class Squares(Dataset):
@@ -135,6 +136,16 @@ def test_short_training_beats_chance_and_points_at_the_squares():
                 y, x = divmod(int(heat.argmax()), 48)
                 hits.append(x0 <= x < x1 and y0 <= y < y1)
     assert np.mean(hits) > 0.6
+
+
+def test_stage_one_keeps_the_best_auc_epoch_and_breaks_ties_by_validation_loss():
+    model, plan = toy_model(seed=0), TrainingPlan(concept_epochs=4, batch_size=16)
+    history = pd.DataFrame(train_concepts(model, Squares(64), Squares(32, seed=1), plan, progress=False))
+    best = history.sort_values(["val_concept_auc", "val_concept_loss"], ascending=[False, True]).iloc[0]
+    # a tie to break here: the first epoch at the best AUC is not the one kept
+    assert best["epoch"] > history.loc[history["val_concept_auc"].idxmax(), "epoch"]
+    auc, loss = concept_validation(model, Squares(32, seed=1))
+    assert (auc, loss) == pytest.approx((best["val_concept_auc"], best["val_concept_loss"]), abs=1e-6)
 
 
 def test_training_is_deterministic_and_resumes(tmp_path):

@@ -31,25 +31,35 @@ def _interpolation(grid: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=32)
-def _centres(size: int) -> np.ndarray:
-    return ((np.arange(size) + 0.5) / size).astype(np.float32)
+def _centres(size: int, zoom: float = 1.0) -> np.ndarray:
+    return (0.5 + ((np.arange(size) + 0.5) / size - 0.5) / zoom).astype(np.float32)
 
 
 class Film:
-    """A square float32 attenuation image (the phantom's film) and the pixel-window helpers to draw into it."""
+    """A square float32 attenuation image (the phantom's film) and the pixel-window helpers to draw into it.
 
-    def __init__(self, size: int):
+    Scene coordinates (u, v) are normalised to the image at zoom 1; at another ``zoom`` the
+    scene is magnified about the image centre (pixel centres sit at 0.5 + (i + 0.5 - s/2) /
+    (s * zoom)).
+    """
+
+    def __init__(self, size: int, zoom: float = 1.0):
         self.size = size
-        self.centres = _centres(size)
         self.pixels = np.zeros((size, size), np.float32)
         self.texture = None  # the markings' smooth noise, (size, size), once drawn
         self.heart = None  # (rows, cols, soft mask) of the heart's window, once drawn
-        # one pixel in normalised units: the smallest lesion still covers a pixel centre
-        self.pixel = 1.0 / size
+        self.set_zoom(zoom)
+
+    def set_zoom(self, zoom: float) -> None:
+        self.zoom = float(zoom)
+        self.centres = _centres(self.size, self.zoom)
+        # one pixel in scene units: the smallest lesion still covers a pixel centre
+        self.pixel = 1.0 / (self.size * self.zoom)
 
     def window(self, u0: float, v0: float, u1: float, v1: float):
         """Pixel slices covering the normalised box, and its centre vectors u (1,w), v (h,1)."""
-        s = self.size
+        s, z = self.size, self.zoom
+        u0, u1, v0, v1 = (0.5 + (t - 0.5) * z for t in (u0, u1, v0, v1))  # image fractions
         c0, c1 = max(int(math.floor(u0 * s)), 0), min(int(math.ceil(u1 * s)) + 1, s)
         r0, r1 = max(int(math.floor(v0 * s)), 0), min(int(math.ceil(v1 * s)) + 1, s)
         rows, cols = slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
@@ -98,7 +108,7 @@ def rasterise(scene: Scene, size: int, rng: np.random.Generator) -> tuple[np.nda
     exact boxes and masks, and the shortcut's pixel box (or None). ``rng`` is only used for
     the per-pixel noise, the last draw of an image.
     """
-    film = Film(size)
+    film = Film(size, scene.zoom)
     anatomy = scene.anatomy
     lung_masks = _draw_anatomy(film, anatomy)
     markings = _markings(film, scene, lung_masks)
@@ -273,6 +283,7 @@ _DRAW = {
 def _draw_shortcut(film: Film, shortcut: dict) -> tuple[int, int, int, int] | None:
     """Metal is drawn last and opaque; returns the exact pixel box of what was drawn."""
     if shortcut["kind"] == "marker":
+        film.set_zoom(1.0)  # on the detector, not in the patient: never magnified
         cell, letters = shortcut["cell"], shortcut["letters"]
         u0, v0 = shortcut["u"], shortcut["v"]
         rows, cols, u, v = film.window(u0, v0, u0 + 4 * cell * len(letters), v0 + 5 * cell)

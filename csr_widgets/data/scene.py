@@ -149,6 +149,10 @@ class Scene:
     smooth_noise: np.ndarray  # (6, 6) low-frequency exposure variation
     texture_noise: np.ndarray  # (24, 24) zero crossings become the vessel markings
     noise_sigma: float
+    # magnification of the patient (anatomy, lesions, devices) about the image centre,
+    # inside the same image: 0.85 draws everything at 85 % of its size. A corner marker
+    # lies on the detector and keeps its size.
+    zoom: float = 1.0
 
 
 def sample_anatomy(rng: np.random.Generator, heart_factor: float) -> Anatomy:

@@ -95,6 +95,16 @@ class SyntheticCXR(Dataset):
             uniformly; boxes and concepts stay the truth.
         channels: 1 or 3 (the grey image repeated).
         masks: also return "masks", a (K, H, W) bool tensor of the concept masks.
+        anatomy_scale: magnification of the patient inside the same image (anatomy,
+            lesions and devices about the image centre; a corner marker keeps its size):
+            a number, or a range ``(low, high)`` drawn per item (training augmentation).
+        gamma: exposure curve, ``pixels ** gamma`` (a number or a range per item).
+        contrast: window width, ``mean + contrast * (pixels - mean)`` about the image's
+            mean, after ``gamma``, clipped to [0, 1] (a number or a range per item).
+
+    The three film settings (ours) vary what differs between real films; a range is drawn
+    log-uniformly from its own random stream, so an item is still a function of (seed,
+    split, index) and the defaults (1.0) leave every image exactly as before.
 
     Item: ``{"image": (C, H, W) float32 in [0, 1], "concepts": (K,) float32 0/1,
     "label": int, "boxes": [(concept, x0, y0, x1, y1)], "shortcut_box": None or
@@ -122,12 +132,18 @@ class SyntheticCXR(Dataset):
         label_noise: float = 0.0,
         channels: int = 1,
         masks: bool = False,
+        anatomy_scale: float | tuple[float, float] = 1.0,
+        gamma: float | tuple[float, float] = 1.0,
+        contrast: float | tuple[float, float] = 1.0,
     ):
         self.settings = dict(
             n=n, seed=seed, image_size=image_size, shortcut=shortcut, shortcut_correlation=shortcut_correlation,
             shortcut_class=shortcut_class, split=split, difficulty=difficulty, lesions=lesions,
             class_weights=class_weights, label_noise=label_noise, channels=channels, masks=masks,
+            anatomy_scale=anatomy_scale, gamma=gamma, contrast=contrast,
         )
+        self.film = {name: _film_range(name, value) for name, value in
+                     (("anatomy_scale", anatomy_scale), ("gamma", gamma), ("contrast", contrast))}
         if n < 0 or int(n) != n:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         if int(image_size) != image_size or image_size < 32:
@@ -177,7 +193,7 @@ class SyntheticCXR(Dataset):
 
     def random_stream(self, index: int, stream: int = 0) -> np.random.Generator:
         """The generator of image ``index``: stream 0 draws the image, 1 the shortcut's
-        geometry, 2 the simulated readers of the VinDr exporter."""
+        geometry, 2 the simulated readers of the VinDr exporter, 3 the film settings."""
         return np.random.default_rng([self.seed, SPLITS[self.split], index, stream])
 
     def _index(self, index) -> int:
@@ -235,12 +251,20 @@ class SyntheticCXR(Dataset):
         shortcut = sample_shortcut(self.random_stream(index, 1), self.shortcut, anatomy) if header["shortcut"] else None
         return Scene(anatomy, lesions, shortcut, smooth, texture, noise_sigma=0.015 * (1.0 + difficulty))
 
+    def film_settings(self, index: int) -> dict[str, float]:
+        """The item's anatomy_scale, gamma and contrast (a range's draw, or the number)."""
+        rng = self.random_stream(self._index(index), 3)
+        return {name: float(np.exp(rng.uniform(*np.log(bounds)))) for name, bounds in self.film.items()}
+
     def __getitem__(self, index) -> dict:
         index = self._index(index)
         rng = self.random_stream(index)
         header = self._sample_header(rng)
         scene = self._sample_scene(index, rng, header)
+        film = self.film_settings(index)
+        scene.zoom = film["anatomy_scale"]
         pixels, instances, shortcut_box = rasterise(scene, self.image_size, rng)
+        pixels = expose(pixels, film["gamma"], film["contrast"])
         image = torch.from_numpy(pixels)[None]
         item = {
             "image": image.expand(3, -1, -1) if self.channels == 3 else image,
@@ -278,6 +302,25 @@ class SyntheticCXR(Dataset):
     def export_csv(self, root, image_size: int | None = None) -> Path:
         """Write the ConceptCSV layout (images/, labels.csv, boxes.csv); returns labels.csv."""
         return exporters.write_concept_csv(self, root, image_size=image_size)
+
+
+def expose(pixels: np.ndarray, gamma: float, contrast: float) -> np.ndarray:
+    """(H, W) image in [0, 1] -> the same film at another exposure: ``pixels ** gamma``,
+    then ``mean + contrast * (pixels - mean)`` about its mean, clipped to [0, 1]."""
+    if gamma != 1.0:
+        pixels = pixels ** np.float32(gamma)
+    if contrast != 1.0:
+        mean = pixels.mean(dtype=np.float64)
+        pixels = np.clip(mean + np.float32(contrast) * (pixels - mean), 0.0, 1.0).astype(np.float32)
+    return pixels
+
+
+def _film_range(name: str, value) -> tuple[float, float]:
+    """A film setting as a (low, high) range; a number is the range of one value."""
+    low, high = (value, value) if np.ndim(value) == 0 else tuple(value)
+    if not 0 < low <= high:
+        raise ValueError(f"{name} must be a positive number or a range (low, high) with 0 < low <= high, got {value!r}")
+    return float(low), float(high)
 
 
 def _merge_specs(overrides) -> dict[str, LesionSpec]:

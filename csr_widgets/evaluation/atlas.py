@@ -54,7 +54,7 @@ class Atlas:
     """Per prototype (K concepts x M prototypes):
 
     image_index: (K, M) long   training image of the best match (-1: concept never present)
-    location:    (K, M, 2)     (x, y) pixel of the peak of the prototype's map in that image
+    location:    (K, M, 2)     (x, y) pixel of the peak of the prototype's map in that image (FeatureGrid.peak_pixels)
     similarity:  (K, M)        cosine of p_km and that image's v'_k
     usage:       (K, M) long   training vectors of concept k whose nearest prototype is m
     crop_boxes:  (K, M, 4)     (x0, y0, x1, y1) of the crop in the image's pixels
@@ -170,9 +170,8 @@ def _peaks(model: CSRModel, cache, image_index: torch.Tensor, prototypes: torch.
     if here.any():
         patches = model.project(cache.features[flat[here] - cache.offset].to(model.device))  # (n, h, w, D)
         own_maps = torch.einsum("nhwd,nd->nhw", patches, prototypes.flatten(0, 1)[here.to(prototypes.device)]).cpu()
-        h, w = own_maps.shape[-2:]
-        cell = own_maps.flatten(1).argmax(-1)
-        location[here] = torch.stack([model.grid.centres(w)[cell % w], model.grid.centres(h)[cell // w]], -1).float()
+        # the sub-cell peak, as the Pointing Game locates it (docs/decisions.md#sub-cell-peaks)
+        location[here] = model.grid.peak_pixels(own_maps, cache.image_size).flip(-1)  # (y, x) -> (x, y)
     return current().total(location).view(K, M, 2)
 
 

@@ -21,13 +21,16 @@ docs/decisions.md#metric-conventions)**:
   prototypes left out), upsampled to image size by ``FeatureGrid.upsample`` (the one place
   that maps cells to pixels). A concept whose prototypes are all pruned has no map (NaN)
   and is not evaluated.
-- Pointing Game (Zhang et al. 2016): the point is the argmax pixel of the concept's
-  saliency; it is a hit when its Euclidean distance (in pixels, between pixel indices) to
-  the nearest pixel of a box of that concept is at most the tolerance. Tolerance 0 is the
-  paper's protocol (the point lies in a box), 15 px the original one. **Ties go to the
-  first maximum in row-major order** (smallest y, then smallest x), never "any maximum
-  hits": a flat or saturated map must not earn hits it did not point at, and the result
-  is deterministic across devices.
+- Pointing Game (Zhang et al. 2016): the point is the pixel of the peak of the concept's
+  map, located below the cell size by ``FeatureGrid.peaks`` (the maximum cell, refined by
+  a parabola through its neighbours along each axis, rounded to the nearest pixel:
+  ``concept_points``) **(ours: the argmax of the bilinearly upsampled map can only land on
+  a cell centre; docs/decisions.md#sub-cell-peaks)**; it is a hit when its Euclidean distance (in pixels,
+  between pixel indices) to the nearest pixel of a box of that concept is at most the
+  tolerance. Tolerance 0 is the paper's protocol (the point lies in a box), 15 px the
+  original one. **Ties go to the first maximum in row-major order** (smallest y, then
+  smallest x), never "any maximum hits": a flat or saturated map must not earn hits it
+  did not point at, and the result is deterministic across devices.
 - A pair (image, concept) is evaluated when the concept has at least one non-empty box in
   the image; the overall Pointing Game is hits / evaluated pairs (pooled over concepts).
 - Points landing on a shortcut box (a text marker, a pacemaker: SyntheticCXR's
@@ -126,15 +129,31 @@ def concept_saliency(similarity_maps: torch.Tensor, grid: FeatureGrid, image_siz
     ``prototype_mask`` (K, M) marks False), then ``grid.upsample`` to ``image_size``.
     A concept without any active prototype gets an all-NaN map.
     """
+    best, dead = _concept_maps(similarity_maps, prototype_mask)
+    saliency = grid.upsample(best, tuple(image_size))
+    return saliency.masked_fill(dead[..., None, None], math.nan)
+
+
+def concept_points(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
+                   prototype_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, M, h, w) similarity maps -> (B, K, 2) (y, x) pixel where each concept's map peaks.
+
+    The same concept map as ``concept_saliency`` (max over active prototypes), its peak
+    located below the cell size (``grid.peak_pixels``) in an image of ``image_size``. NaN for a concept without any active prototype.
+    """
+    best, dead = _concept_maps(similarity_maps, prototype_mask)
+    return grid.peak_pixels(best, tuple(image_size)).masked_fill(dead[..., None], math.nan)
+
+
+def _concept_maps(similarity_maps: torch.Tensor, prototype_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, M, h, w) -> (B, K, h, w) max over active prototypes (0 where none), (B, K) none active."""
     maps = similarity_maps
     if prototype_mask is not None:
         mask = prototype_mask.to(maps.device, torch.bool)[None, :, :, None, None]
         maps = maps.masked_fill(~mask, -math.inf)
     best = maps.amax(dim=2)  # (B, K, h, w)
     dead = torch.isinf(best).all(dim=-1).all(dim=-1)  # (B, K): every prototype pruned
-    best = best.masked_fill(dead[..., None, None], 0.0)
-    saliency = grid.upsample(best, tuple(image_size))
-    return saliency.masked_fill(dead[..., None, None], math.nan)
+    return best.masked_fill(dead[..., None, None], 0.0), dead
 
 
 def argmax_points(maps: torch.Tensor) -> torch.Tensor:
@@ -208,7 +227,8 @@ def boxes_by_concept(boxes: Sequence[tuple], concepts: Sequence[str]) -> list[li
 class Pointing:
     """Where each concept's saliency peaks, and how far that is from the truth.
 
-    points:            (B, K, 2) int64 (y, x) argmax pixel (first in row-major order)
+    points:            (B, K, 2) (y, x) pixel of the peak (``concept_points``, or the
+                       saliency's argmax pixel when none are given)
     distance:          (B, K) float, pixels to the nearest box of the concept;
                        NaN = not evaluated (no non-empty box, or no saliency map)
     shortcut_distance: (B, K) float, pixels to the image's shortcut box; NaN = no shortcut
@@ -235,19 +255,21 @@ class Pointing:
 
 
 def point_concepts(saliency: torch.Tensor, boxes: Sequence[Sequence[tuple]], concepts: Sequence[str],
-                   shortcut_boxes: Sequence[Sequence[float] | None] | None = None) -> Pointing:
+                   shortcut_boxes: Sequence[Sequence[float] | None] | None = None, points=None) -> Pointing:
     """Pointing Game raw material for a batch.
 
     saliency: (B, K, H, W) concept saliency (``concept_saliency``);
     boxes: B lists of ``(concept, x0, y0, x1, y1)``; concepts: the K names of the K axis;
-    shortcut_boxes: B entries, None or ``(x0, y0, x1, y1)``.
+    shortcut_boxes: B entries, None or ``(x0, y0, x1, y1)``; points: (B, K, 2) (y, x)
+    pixels to score (``concept_points``, the sub-cell peaks), by default the argmax pixel
+    of ``saliency``.
     """
     B, K, H, W = saliency.shape
     if len(boxes) != B:
         raise ValueError(f"{len(boxes)} box lists for a batch of {B} images.")
     if len(concepts) != K:
         raise ValueError(f"{len(concepts)} concept names for saliency with K={K}.")
-    points = argmax_points(saliency).cpu().numpy()
+    points = (argmax_points(saliency) if points is None else torch.as_tensor(points)).cpu().numpy()
     defined = ~torch.isnan(saliency).any(dim=-1).any(dim=-1).cpu().numpy()
     distance = np.full((B, K), np.nan)
     shortcut = np.full((B, K), np.nan)

@@ -15,7 +15,7 @@ has_shortcut                the item has a ``shortcut_box`` (SyntheticCXR)
 prob/<class>                class probabilities
 concept/<c>                 ground-truth concept (0/1; NaN if the dataset lacks it)
 concept_prob/<c>            sigmoid of the concept head's logit
-point_y/<c>, point_x/<c>    argmax pixel of the concept saliency (see metrics.py)
+point_y/<c>, point_x/<c>    pixel of the peak of the concept's map (sub-cell, see metrics.py)
 distance/<c>                pixels from that point to the nearest box of c (NaN: not evaluated)
 hit@<t>/<c>                 Pointing Game at tolerance t: 1 / 0 / NaN (not evaluated)
 shortcut@<t>/<c>            the evaluated point lies within t px of the shortcut box
@@ -119,7 +119,8 @@ def _point(model, similarity_maps: torch.Tensor, image_size: tuple[int, int], ma
     for start in range(0, B, step):
         part = slice(start, start + step)
         saliency = metrics.concept_saliency(similarity_maps[part], model.grid, image_size, mask)
-        pointings.append(metrics.point_concepts(saliency, batch.boxes[part], model.concepts, batch.shortcut_boxes[part]))
+        points = metrics.concept_points(similarity_maps[part], model.grid, image_size, mask)
+        pointings.append(metrics.point_concepts(saliency, batch.boxes[part], model.concepts, batch.shortcut_boxes[part], points))
         energies.append(metrics.energy_pointing(saliency, batch.boxes[part], model.concepts))
     pointing = metrics.Pointing(*(np.concatenate([getattr(p, f) for p in pointings]) for f in ("points", "distance", "shortcut_distance")))
     return pointing, np.concatenate(energies)

@@ -7,9 +7,9 @@ False``) and refitting the task head should recover it (docs/method.md#atlas-and
 
 Detection (automatic, **ours**, docs/decisions.md#shortcut-detection):
 
-- by maxima: on the images that contain the shortcut, the argmax pixel of a prototype's
-  upsampled similarity map (same tie and distance rules as the Pointing Game, see
-  metrics.py) lies within ``tolerance`` px of the shortcut box in more than ``threshold``
+- by maxima: on the images that contain the shortcut, the peak pixel of a prototype's
+  similarity map (``FeatureGrid.peak_pixels``: the same peak, tie and distance rules as
+  the Pointing Game, see metrics.py) lies within ``tolerance`` px of the shortcut box in more than ``threshold``
   of the images;
 - by the atlas (optional): the prototype's atlas match (the training image and pixel it
   is linked to, Eq. 11) lies on that image's shortcut box.
@@ -51,9 +51,7 @@ def shortcut_hits(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: 
     K, M = similarity_maps.shape[1:3]
     counts = np.zeros((K, M), dtype=int)
     for b in keep:
-        # One image at a time: (K, M, H, W) at image size is the largest tensor held.
-        saliency = grid.upsample(similarity_maps[b], tuple(image_size))
-        points = metrics.argmax_points(saliency).cpu().numpy()  # (K, M, 2)
+        points = grid.peak_pixels(similarity_maps[b], tuple(image_size)).cpu().numpy()  # (K, M, 2)
         distance = metrics.distance_to_boxes(points, [shortcut_boxes[b]], *image_size)
         counts += distance <= tolerance
     return counts, len(keep)

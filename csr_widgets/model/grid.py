@@ -6,8 +6,13 @@ padding has offset 0 (a 3x3 stride-2 conv centres output j on input 2j); a patch
 or a ViT has offset (stride - 1) / 2. Bilinear upsampling with ``align_corners=False``
 silently assumes the latter, which puts a resnet's maxima half a cell off: on small
 lesions that alone costs several points of Pointing Game (docs/decisions.md#cell-centres).
-Every heatmap the package draws or scores, and every box mapped onto the grid, goes
-through this class.
+Every heatmap the package draws or scores, every peak it marks or scores, and every box
+mapped onto the grid, goes through this class.
+
+Peaks are located below the cell size (``peaks``, ours): the maximum cell, refined along
+each axis by the vertex of the parabola through it and its two neighbours. Upsampling
+cannot do this: a bilinear map peaks exactly on a cell centre, so at stride 8 a ~1-cell
+nodule was missed whenever its centre lay nearer a cell border (docs/decisions.md#sub-cell-peaks).
 """
 from __future__ import annotations
 
@@ -32,6 +37,40 @@ class FeatureGrid:
     def centres(self, cells: int, device=None) -> torch.Tensor:
         """(cells,) pixel coordinates of the cell centres along one axis."""
         return self.offset + self.stride * torch.arange(cells, device=device, dtype=torch.float32)
+
+    def peaks(self, maps: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) cell maps -> (..., 2) float (y, x) input-pixel coordinates of each peak.
+
+        The cell of the maximum (ties: the first in row-major order, as ``torch.argmax``),
+        then, along each axis on its own, the vertex of the parabola through that cell's
+        value and its two neighbours' values: ``(left - right) / (2 (left - 2 centre +
+        right))`` cells from the centre, within half a cell. A cell on the grid's edge, or a
+        neighbourhood that does not curve down (a plateau), keeps the cell centre.
+        """
+        h, w = maps.shape[-2:]
+        values = maps.reshape(-1, h, w)
+        flat = values.flatten(1).argmax(dim=1)
+        rows, cols = flat // w, flat % w
+        index = torch.arange(len(values), device=maps.device)
+
+        def vertex(before, centre, after, inside):
+            curvature = before - 2 * centre + after
+            shift = 0.5 * (before - after) / torch.where(curvature < 0, curvature, -torch.ones_like(curvature))
+            return torch.where(inside & (curvature < 0), shift.clamp(-0.5, 0.5), torch.zeros_like(shift))
+
+        centre = values[index, rows, cols]
+        up, down = values[index, (rows - 1).clamp(min=0), cols], values[index, (rows + 1).clamp(max=h - 1), cols]
+        left, right = values[index, rows, (cols - 1).clamp(min=0)], values[index, rows, (cols + 1).clamp(max=w - 1)]
+        y = rows + vertex(up, centre, down, (rows > 0) & (rows < h - 1))
+        x = cols + vertex(left, centre, right, (cols > 0) & (cols < w - 1))
+        points = self.offset + self.stride * torch.stack([y, x], dim=-1).float()
+        return points.reshape(*maps.shape[:-2], 2)
+
+    def peak_pixels(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(..., h, w) cell maps -> (..., 2) float (y, x): the pixel of an image of ``size``
+        (H, W) that holds each ``peaks`` point (the nearest pixel index, inside the image)."""
+        limit = torch.tensor(size, device=maps.device, dtype=torch.float32) - 1
+        return torch.minimum(torch.floor(self.peaks(maps) + 0.5).clamp(min=0), limit)
 
     def interpolation_matrix(self, pixels: int, cells: int, mode: str = "bilinear", device=None) -> torch.Tensor:
         """(pixels, cells) weights that carry a 1-D cell signal to pixels.

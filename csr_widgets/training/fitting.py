@@ -37,12 +37,17 @@ class BestEpoch:
 
     def __init__(self, model: CSRModel, stage: int, higher_is_better: bool = True):
         self.model, self.stage, self.higher_is_better = model, stage, higher_is_better
-        self.score = -math.inf if higher_is_better else math.inf
+        self.score = None
         self.state: dict[str, torch.Tensor] | None = None
 
-    def offer(self, score: float) -> None:
-        """Keep the current tensors if ``score`` beats the best so far (NaN never does)."""
-        if score > self.score if self.higher_is_better else score < self.score:
+    def offer(self, score) -> None:
+        """Keep the current tensors if ``score`` (a number, or a tuple compared in order:
+        later entries break ties) beats the best so far (NaN never does)."""
+        if self.score is None:
+            better = score == score if not isinstance(score, tuple) else score[0] == score[0]  # not NaN
+        else:
+            better = score > self.score if self.higher_is_better else score < self.score
+        if better:
             self.record(score)
 
     def record(self, score: float) -> None:
@@ -70,7 +75,10 @@ class ConceptLogits(nn.Module):
 
 
 def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None, plan: TrainingPlan, progress: bool = True, resume_from: Path | None = None) -> list[dict]:
-    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC.
+    """Stage 1: F and C on the concept labels (BCE). Keeps the best epoch by validation AUC,
+    ties broken by the lower validation BCE (ours: on SyntheticCXR the AUC reaches 1.0 within
+    a few epochs, and keeping the first such epoch kept an under-trained backbone;
+    docs/decisions.md#stage-1-tie-break).
 
     With several processes each one reads its share of every epoch (a DistributedSampler)
     and DistributedDataParallel averages the gradients, so the processes stay identical;
@@ -91,7 +99,9 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
     history, best, start_epoch = [], BestEpoch(model, 1), 0
     if resume_from is not None and resume_from.is_file():
         start_epoch, best_score, history = load_progress(resume_from, model, optimizer, schedule, layout=_layout(plan, group))
-        best.record(best_score)  # with the weights saved after the last epoch
+        # with the weights saved after the last epoch; a file from before the tie-break holds the AUC alone
+        if best_score is not None:
+            best.record(tuple(best_score) if isinstance(best_score, list) else (best_score, -math.inf))
     forward = ConceptLogits(model)
     optimizer.zero_grad(set_to_none=True)
     if group.distributed:
@@ -115,12 +125,13 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
                 schedule.step()
             losses.append(loss.item())
         train_loss = group.mean(np.mean(losses)) if losses else float("nan")
-        score = concept_auc(model, val_set, bf16=bf16, num_workers=plan.num_workers) if val_set is not None else -train_loss
+        auc, val_loss = concept_validation(model, val_set, bf16=bf16, num_workers=plan.num_workers) if val_set is not None else (None, None)
+        score = (auc, -val_loss) if val_set is not None else (-train_loss, 0.0)
         best.offer(score)
-        history.append({"stage": 1, "epoch": epoch, "train_loss": train_loss, "val_concept_auc": score if val_set is not None else None})
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=f"{score:.4f}")
+        history.append({"stage": 1, "epoch": epoch, "train_loss": train_loss, "val_concept_auc": auc, "val_concept_loss": val_loss})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_auc=f"{score[0]:.4f}")
         if resume_from is not None:
-            save_progress(resume_from, model, optimizer, schedule, epoch + 1, best.score, layout=_layout(plan, group), history=history)
+            save_progress(resume_from, model, optimizer, schedule, epoch + 1, None if best.score is None else list(best.score), layout=_layout(plan, group), history=history)
     best.restore()
     return history
 
@@ -132,8 +143,14 @@ def _layout(plan: TrainingPlan, group) -> dict:
 
 def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: bool = False, num_workers: int = 0) -> float:
     """Mean over concepts of the ROC AUC of the concept logits (``metrics.concept_auc``,
-    the AUC the tables report; concepts with one class left out). Each process scores its
-    share of the images; every process gets the same AUC over all of them."""
+    the AUC the tables report; concepts with one class left out)."""
+    return concept_validation(model, dataset, batch_size, bf16, num_workers)[0]
+
+
+def concept_validation(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: bool = False,
+                       num_workers: int = 0) -> tuple[float, float]:
+    """(concept AUC as ``concept_auc``, mean BCE of the concept logits) on a dataset. Each
+    process scores its share of the images; every process gets the same numbers over all."""
     group = current()
     rows = group.shard(len(dataset), batch_size)
     logits, truth = [torch.zeros(0, len(model.concepts))], [torch.zeros(0, len(model.concepts))]
@@ -143,7 +160,8 @@ def concept_auc(model: CSRModel, dataset: Dataset, batch_size: int = 64, bf16: b
             with autocast(model, bf16):
                 logits.append(forward(batch["image"]).float().cpu())
             truth.append(batch["concepts"].float())
-    return metrics.mean_auc(metrics.concept_auc(group.gather_rows(torch.cat(truth)), group.gather_rows(torch.cat(logits))))
+    truth, logits = group.gather_rows(torch.cat(truth)), group.gather_rows(torch.cat(logits))
+    return metrics.mean_auc(metrics.concept_auc(truth, logits)), concept_loss(logits, truth).item()
 
 
 # ------------------------------------------------------------------ stage 2

@@ -41,7 +41,7 @@ def save_model_file(model: CSRModel, path: Path) -> None:
     _write(path, model.save)
 
 
-def save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: float, layout: dict | None = None,
+def save_progress(path: Path, model: CSRModel, optimizer, schedule, epoch: int, best: list[float] | None, layout: dict | None = None,
                   history: list[dict] | None = None) -> None:
     """Model and optimiser state as tensors; counters as JSON metadata (nothing pickled).
 
