@@ -330,7 +330,8 @@ def _run_record(checkpoint: Path | None) -> dict:
 
 DEMO_CELLS = [
     "# csr_widgets demo\n\nDraw a **negative** box (press `n`, then drag) over the brightest region of the heatmap, "
-    "or untick a concept, and watch the prediction change. `u` undoes, `r` redoes.",
+    "or untick a concept, and watch the prediction change. `z` undoes, `y` redoes; keys go to the image while "
+    "the pointer is over it.",
     "from csr_widgets import CSRExplorer, SyntheticCXR, load_pretrained\n\n"
     "model = load_pretrained(\"synthetic-cxr\")\n"
     "image = SyntheticCXR(n=20, split=\"test\", image_size=model.config.image_size)[3][\"image\"]\n"

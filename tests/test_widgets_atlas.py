@@ -242,7 +242,7 @@ def test_explorer_shows_the_atlas_crop_of_each_concepts_best_prototype(model, da
 
     for k, name in enumerate(model.concepts):
         expected = render.encode_png(render.crop_rgba(atlas[k, best[k]].crop))
-        assert ex._concept_crops[name].value == expected
+        assert ex.panel.crops[name].value == expected
 
 
 def test_the_packages_atlas_and_default_refit(model, dataset):

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ARTIFACTS = HERE.parents[1] / "test-artifacts"  # gitignored
+REPO = HERE.parents[1]
+ARTIFACTS = REPO / "test-artifacts"  # gitignored
 NOTEBOOK = HERE / "explorer.ipynb"
 SCENE = HERE / "scene.py"
 CHROMIUM_FLAGS = [
@@ -77,7 +78,12 @@ def _environment(base: Path, nodelay: bool) -> dict:
     settings.mkdir(parents=True, exist_ok=True)
     # no news or update checks: no network, and no toast over the notebook
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # The kernel (and the server extension) import the package of this checkout, not
+    # whichever copy is installed: the kernel runs in the server's root folder, where the
+    # current directory does not put the checkout on sys.path.
+    paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env.update(
+        PYTHONPATH=os.pathsep.join(paths),
         JUPYTER_CONFIG_DIR=str(config),
         JUPYTER_RUNTIME_DIR=str(base / "runtime"),
         JUPYTER_DATA_DIR=str(base / "data"),  # e.g. the notebook-signing key, not in ~/.local
