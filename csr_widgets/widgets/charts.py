@@ -55,7 +55,7 @@ def confidence_flag(probs: list[float], margin: float, needs_review: bool, out_o
     review rule: top-1 minus top-2 probability against the margin.
     """
     if out_of_distribution:
-        how_far = "" if distance_ratio is None else f" (its features lie {distance_ratio:.1f}x beyond the training images' range)"
+        how_far = "" if distance_ratio is None else f" (its distance from the training images is {distance_ratio:.1f} times the limit)"
         return (
             '<div class="csr-review csr-ood" style="padding:4px 6px;border:2px solid #D55E00;background:#fbe9df">'
             f"<b>&#9888; {OOD_WARNING}</b>{how_far}. Use an image like those the model was trained on.</div>"
@@ -110,17 +110,19 @@ def legend(class_name: str) -> str:
     )
 
 
-def question_text(question, classes: list[str], predicted: int) -> str:
+def question_text(question, classes: list[str], probs: list[float]) -> str:
     """A "check next" question (csr_widgets.model.Question) in a clinician's words; a
-    location question points at the cell marked on the image, not at coordinates."""
+    location question points at the cell marked on the image, not at coordinates.
+    probs: the current class probabilities (the question was ranked on them)."""
+    first, second = sorted(range(len(probs)), key=lambda n: -probs[n])[:2]
     article = "an" if question.concept[:1].lower() in "aeiou" else "a"
     if question.kind == "present":
         ask = f"Is there really {article} {question.concept}?"
     else:
         ask = f"Is the {question.concept} in the marked cell (? check here)?"
-    if question.flips_to != predicted:
+    if question.flips_to != first:
         return f"{ask} A no would make it {classes[question.flips_to]}."
-    return f"{ask} A no would keep {classes[predicted]}, with a margin {question.change_no:.2f} different."
+    return f"{ask} A no would change {classes[first]}'s lead over {classes[second]} by {question.change_no:.2f}."
 
 
 def question_line(text: str | None) -> str:

@@ -51,7 +51,7 @@ from .overlay import box_marks
 from .panel import SidePanel
 from .pointer import Drag, FrameCoalescer, action_for, box_at, drag_boxes, hint_line, tooltip
 from .session import ExplorerState, History, ViewSettings, as_boxes, parse_session, session_dict
-from .stylesheet import style_widget
+from .page import style_widget
 
 RESULT_CACHE = 16  # recent results kept, so undo/redo answer without recomputing
 
@@ -344,8 +344,8 @@ class CSRExplorer(widgets.VBox):
             ranked = rank_questions(self.model, self.encoding, state.interaction(self.geometry.box_to_model))
         asked = [q for q in ranked if (q.kind, q.concept) not in state.answered]
         self._question = asked[0] if asked else None
-        predicted = int(self.result.probs[0].argmax())
-        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, predicted))
+        probs = self.result.probs[0].tolist()
+        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, probs))
         self._draw_boxes()  # the cell a location question asks about
 
     # ------------------------------------------------------------------ persistence
@@ -681,7 +681,7 @@ class CSRExplorer(widgets.VBox):
             (self._redo_button, self.redo),
         ):
             button.layout.width = "auto"
-            button.on_click(lambda _, handler=handler: (handler(), self._focus()))
+            button.on_click(lambda _, handler=handler: handler())
         self._busy = widgets.HTML(charts.busy_badge(False))
         self._busy.add_class("csr-busy-state")
         # groups, so that a narrow toolbar wraps between them, never inside one
@@ -725,7 +725,7 @@ class CSRExplorer(widgets.VBox):
         view_controls.add_class("csr-view-controls")
 
         self.panel = SidePanel(self.model.concepts, self.model.classes, crops=self.atlas is not None,
-                               on_toggle=self._on_concept_toggle, on_answer=self._on_answer)
+                               on_toggle=self._on_concept_toggle, on_answer=self.answer)
         self.panel.layout = widgets.Layout(flex="1 1 300px", max_width="480px")
         hint = widgets.HTML(
             f'<div class="csr-hint"><span class="csr-keys-on">&#9679; keys active &middot; </span>'
@@ -744,7 +744,8 @@ class CSRExplorer(widgets.VBox):
         return [("all concepts (a)", "all"), (shown, "shown")]
 
     def _focus(self) -> None:
-        """Give the image the key focus (after a click on a control of the explorer)."""
+        """Give the image the key focus. The page script (page.py) does it in the browser;
+        this kernel-side fallback covers front ends where that script cannot run."""
         self.canvas.focus()
 
     # ------------------------------------------------------------------ events
@@ -758,11 +759,6 @@ class CSRExplorer(widgets.VBox):
 
     def _on_concept_toggle(self, name: str, kept: bool) -> None:
         self.rejected = (self.state.rejected - {name}) if kept else (self.state.rejected | {name})
-        self._focus()
-
-    def _on_answer(self, yes: bool) -> None:
-        self.answer(yes)
-        self._focus()
 
     def _on_alpha(self, change) -> None:
         if not self._syncing:

@@ -171,7 +171,7 @@ class CanvasLayers:
 
     def _label(self, canvas: Canvas, rect: Rect, text: str, color: str, background: str = "rgba(255, 255, 255, 0.85)") -> None:
         """Text on a light band above the box (inside it at the top edge of the canvas)."""
-        lx0, ly0, lx1, ly1 = label_position(rect, text, self.size[1])
+        lx0, ly0, lx1, ly1 = label_position(rect, text, self.size)
         canvas.set_line_dash([])
         canvas.fill_style = background
         canvas.fill_rect(lx0, ly0, lx1 - lx0, ly1 - ly0)

@@ -72,12 +72,19 @@ def box_marks(boxes, geometry: ViewGeometry, grid: FeatureGrid, cells: tuple[int
     ]
 
 
-def label_position(rect: Rect, text: str, canvas_width: float, height: float = 18.0, char_width: float = 7.5) -> Rect:
+def label_position(rect: Rect, text: str, canvas_size: tuple[int, int], height: float = 18.0, char_width: float = 7.5) -> Rect:
     """Where a box's label goes (its background rectangle): above the box when there is
-    room, else just inside its top edge; moved left so that it stays on the canvas.
-    ``char_width`` estimates the bold 13-px font (the kernel cannot measure text)."""
-    x0, y0 = rect[0], rect[1]
+    room, else below it, else just inside under its top edge; never over the outline's
+    top edge, and moved left so that it stays on the canvas. ``char_width`` estimates the
+    bold 13-px font (the kernel cannot measure text)."""
+    x0, y0, _, y1 = rect
+    H, W = canvas_size
     width = 8 + char_width * len(text)
-    top = y0 - height if y0 >= height else y0
-    left = max(0.0, min(x0, canvas_width - width))
+    if y0 >= height + 1:
+        top = y0 - height - 1
+    elif y1 + height + 1 <= H:
+        top = y1 + 1
+    else:
+        top = y0 + 2
+    left = max(0.0, min(x0, W - width))
     return left, top, left + width, top + height

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..model import FeatureGrid
+from .overlay import label_position
 
 DEFAULT_COLORMAP = "viridis"  # perceptually uniform and colour-blind safe
 COLORMAPS = ("viridis", "cividis", "magma", "inferno", "plasma")

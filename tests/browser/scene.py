@@ -45,7 +45,28 @@ def build_image(height: int = 200, width: int = 300) -> np.ndarray:
 
 
 def build_explorer(**kwargs) -> CSRExplorer:
-    return CSRExplorer(build_model(), build_image(), concept="nodule", display_size=480, **kwargs)
+    ex = CSRExplorer(build_model(), build_image(), concept="nodule", display_size=480, **kwargs)
+    ex.add_class("csr-test-main")  # the explorer the tests drive (the page has two)
+    return ex
+
+
+def build_ood_explorer() -> CSRExplorer:
+    """The bundled model on a real PA chest film (pydicom's test data, when installed) or
+    else on a colour gradient: both lie far beyond its training images."""
+    from csr_widgets import load_pretrained
+
+    try:
+        from pydicom.data import get_testdata_file
+
+        image = get_testdata_file("RG1_UNCR.dcm", download=False)
+    except ImportError:
+        image = None
+    if image is None:
+        y, x = np.mgrid[0:200, 0:300]
+        image = np.stack([x / 300, y / 200, 1 - x / 300], axis=-1).astype(np.float32)
+    ex = CSRExplorer(load_pretrained("synthetic-cxr", device="cpu"), image, display_size=320)
+    ex.add_class("csr-test-ood")
+    return ex
 
 
 def strongest_region(ex: CSRExplorer, concept: str = "nodule", cells: float = 1.5) -> dict:
