@@ -232,7 +232,7 @@ def kernel_side(kind: str, repeats: int = 30) -> dict:
 
     from csr_widgets import Box
     from csr_widgets.model import rank_questions
-    from csr_widgets.widgets.explorer import single_threaded
+    from csr_widgets._inference import single_threaded
 
     ex, _ = build_benchmark_explorer(kind)
     ex.questions = False  # "check next" is ranked after the update is drawn: timed on its own below

@@ -18,7 +18,7 @@ from PIL import Image
 from csr_widgets import Box, CSRConfig, CSRModel, Interaction
 from csr_widgets.model import FeatureGrid
 from csr_widgets.widgets import CSRExplorer, render
-from csr_widgets.widgets.explorer import single_threaded
+from csr_widgets._inference import single_threaded
 from csr_widgets.widgets.image import read_image
 
 COMMAND_NAMES = {v: k for k, v in COMMANDS.items()}

@@ -13,7 +13,7 @@ state, and the explorer shows it. The parts, one job each:
 - ``overlay``: what the box layer shows (outlines, labels, the cells a box acts on);
 - ``session``: the state, its undo history and its JSON.
 
-Responsiveness rules (docs/decisions.md#widget-responsiveness, docs/explorer.md#live-drag):
+Responsiveness rules (docs/decisions.md#widget-responsiveness, docs/decisions.md#live-drag):
 - while a box is drawn or moved, the heatmap and the prediction follow it, at most once
   per ``frame_interval`` (latest position wins, a trailing frame is scheduled on the
   kernel's event loop), so a flood of events never queues work; mouse-up computes the
@@ -34,7 +34,6 @@ import base64
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import replace
 
 import ipywidgets as widgets
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import traitlets
 
+from .._inference import evaluating, single_threaded
 from ..model import Box, CSRModel, Encoding, Reasoning, rank_questions
 from ..model.csr import MAX_ASPECT
 from . import charts, render
@@ -72,20 +72,6 @@ class _ByIdentity(traitlets.Any):
         obj._trait_values[self.name] = new_value
         if old_value is not new_value:
             obj._notify_trait(self.name, old_value, new_value)
-
-
-@contextmanager
-def single_threaded():
-    """Run tiny torch operations on one thread, restoring the thread count afterwards."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class CSRExplorer(widgets.VBox):
@@ -155,14 +141,9 @@ class CSRExplorer(widgets.VBox):
         self._image = image
 
         # Encode once: everything that does not depend on the user.
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                self.encoding: Encoding = model.encode(model_input(image, model.config.in_channels, input_size).to(model.device))
-                self.baseline: Reasoning = model.reason(self.encoding)
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            self.encoding: Encoding = model.encode(model_input(image, model.config.in_channels, input_size).to(model.device))
+            self.baseline: Reasoning = model.reason(self.encoding)
         self._cells = tuple(self.encoding.similarity_maps.shape[-2:])
         self._lattice_grid, self._lattice_size = render.lattice(model.grid, self.geometry.model_size)
 
@@ -688,7 +669,7 @@ class CSRExplorer(widgets.VBox):
             self.panel.show_crop(name, self._crop_png(k, best[k]))
 
     def _crop_png(self, k: int, m: int) -> bytes | None:
-        from .atlas_explorer import atlas_entry
+        from ..evaluation.atlas import atlas_entry  # on first use: evaluation brings pandas, scikit-learn
 
         if (k, m) not in self._crop_cache:
             entry = atlas_entry(self.atlas, k, m)

@@ -6,7 +6,7 @@ an HTML widget applies to the whole page (JupyterLab, Notebook 7 and Voila alike
 every rule here is scoped to the explorers' own classes. Checked in Chromium at 1000 and
 1400 px wide windows (tests/browser): nothing overlaps or is cut.
 
-The script (docs/explorer.md#keys): JupyterLab and Notebook 7 read every key press in the
+The script (docs/decisions.md#explorer-keys): JupyterLab and Notebook 7 read every key press in the
 capture phase, before the widget that has the focus, so with the image focused and the
 notebook in command mode, ``r`` turned the explorer's cell into a Raw cell (deleting the
 explorer) and ``y``/``z`` changed or undid cells. Lumino looks for a shortcut from the

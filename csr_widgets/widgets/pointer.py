@@ -8,7 +8,7 @@ A drag is a ``Drag``: where it started, where the pointer is now, and what it do
 box or move one). ``drag_boxes`` turns it into the boxes the model should reason with at
 this instant, so the live preview while dragging and the committed change on mouse-up
 come from the same function. ``FrameCoalescer`` keeps a flood of pointer events to one
-update per frame: the latest position wins (docs/explorer.md#live-drag).
+update per frame: the latest position wins (docs/decisions.md#live-drag).
 """
 from __future__ import annotations
 

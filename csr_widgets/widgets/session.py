@@ -3,7 +3,7 @@
 ``ExplorerState`` is the one value object an explorer draws from: the interaction (boxes,
 rejections, alpha), the questions answered, and ``ViewSettings`` (how it is shown). The
 widgets never read their own values back: a control's change makes a new state, and the
-explorer shows the state (docs/explorer.md#state).
+explorer shows the state (docs/decisions.md#explorer-state).
 """
 from __future__ import annotations
 
