@@ -44,7 +44,7 @@ import traitlets
 from .._inference import evaluating, single_threaded
 from ..model import Box, CSRModel, Encoding, Reasoning, rank_questions
 from ..model.csr import MAX_ASPECT
-from . import charts, render
+from . import charts, render, views
 from .geometry import ViewGeometry
 from .image import check_size, display_rgba, model_input, read_image
 from .layers import BOXES, INTERACTION, CanvasLayers
@@ -171,6 +171,7 @@ class CSRExplorer(widgets.VBox):
         self.reason_count = 0  # model.reason calls made by this explorer (for tests/benchmarks)
 
         self._build()
+        views.follow(model, self.refresh)  # an atlas explorer pruned or refitted this model
         self._show()
         self.redraw()
 

@@ -34,7 +34,7 @@ CSS = """
 .csr-explorer .csr-main { flex-wrap: wrap; gap: 12px; align-items: flex-start; }
 .csr-explorer .csr-view { min-width: 200px; }
 .csr-explorer .csr-panel { min-width: 280px; }
-.csr-explorer .csr-panel .widget-html-content { line-height: 1.4; }
+.csr-explorer .csr-panel .widget-html-content, .csr-atlas-explorer .widget-html-content { line-height: 1.4; }
 .csr-explorer .csr-canvas { display: block; cursor: crosshair; }
 .csr-explorer .csr-canvas:focus { outline: 3px solid #0072B2; outline-offset: 2px; }
 .csr-explorer .csr-hint { font-size: 12px; color: #555; line-height: 1.35; }

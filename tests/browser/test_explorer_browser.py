@@ -48,11 +48,11 @@ LAYOUT = """(root) => {
     const box = rect(root);
     const cut = leaves.filter(e => e.tagName !== 'SELECT' && e.tagName !== 'CANVAS' && e.scrollWidth > e.clientWidth + 1).map(name);
     const outside = leaves.filter(e => { const r = rect(e); return r[0] < box[0] - 1 || r[2] > box[2] + 1 || r[2] > window.innerWidth; }).map(name);
-    const part = s => rect(root.querySelector(s));
+    const part = s => { const e = root.querySelector(s); return e ? rect(e) : null; };
     const canvas = root.querySelector('.csr-canvas');
     return {overlaps, cut, outside, root: box, overflow: root.scrollWidth - root.clientWidth,
             canvas: part('.csr-canvas'), panel: part('.csr-panel'), toolbar: part('.csr-toolbar'),
-            controls: part('.csr-view-controls'), canvasPixels: [canvas.width, canvas.height]};
+            controls: part('.csr-view-controls'), canvasPixels: canvas ? [canvas.width, canvas.height] : null};
 }"""
 
 
@@ -109,17 +109,27 @@ def wait_for_tool(page, words: str, timeout: float = 10_000) -> None:
     )
 
 
+def check_nothing_overlaps(page, root: str) -> dict:
+    """No two controls of the widget overlap, no text is cut, nothing sticks out of it."""
+    layout = page.evaluate(LAYOUT, page.locator(root).element_handle())
+    assert not layout["overlaps"], (root, layout["overlaps"])
+    assert not layout["cut"], (root, layout["cut"])
+    assert not layout["outside"] and layout["overflow"] <= 1, (root, layout["outside"], layout["overflow"])
+    return layout
+
+
 def check_layout(page, artifacts, name: str, width: int) -> dict:
-    """At a window ``width`` px wide: nothing overlaps, is cut or sticks out; the panel is
-    beside the image when there is room for both, else below it."""
+    """At a window ``width`` px wide: nothing overlaps, is cut or sticks out (the explorer
+    and the atlas explorer); the panel is beside the image when there is room for both,
+    else below it."""
     page.set_viewport_size({"width": width, "height": 1700})
     time.sleep(1.0)  # the notebook re-lays out
+    page.locator(".csr-atlas-explorer").scroll_into_view_if_needed()
+    check_nothing_overlaps(page, ".csr-atlas-explorer")
+    page.screenshot(path=str(artifacts / f"{name}-{width}-atlas.png"))
     page.locator(MAIN).scroll_into_view_if_needed()
-    layout = page.evaluate(LAYOUT, page.locator(MAIN).element_handle())
+    layout = check_nothing_overlaps(page, MAIN)
     page.screenshot(path=str(artifacts / f"{name}-{width}.png"))
-    assert not layout["overlaps"], layout["overlaps"]
-    assert not layout["cut"], layout["cut"]
-    assert not layout["outside"] and layout["overflow"] <= 1, (layout["outside"], layout["overflow"])
     canvas, panel, toolbar, controls = layout["canvas"], layout["panel"], layout["toolbar"], layout["controls"]
     room = layout["root"][2] - layout["root"][0]
     if room >= layout["canvasPixels"][0] + PANEL_MIN + 12:
