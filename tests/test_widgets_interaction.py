@@ -290,3 +290,39 @@ def test_the_bundled_model_flags_a_real_film_but_not_a_phantom():
     phantom = SyntheticCXR(n=4, split="test", image_size=model.config.image_size)[0]["image"]
     assert charts.OOD_WARNING not in CSRExplorer(model, phantom, questions=False).panel.confidence.value
     assert math.isfinite(real._distance_ratio()) and real._distance_ratio() > 1
+
+
+def test_check_next_is_ranked_after_the_update_once_per_burst_of_changes(model, image, monkeypatch):
+    import asyncio
+
+    from csr_widgets.widgets import explorer as explorer_module
+
+    ex = CSRExplorer(model, image)
+    ranked = []
+    original = explorer_module.rank_questions
+    monkeypatch.setattr(explorer_module, "rank_questions", lambda *a, **k: ranked.append(1) or original(*a, **k))
+
+    async def burst():
+        for i in range(5):  # five changes in a row, as fast as a user can click
+            ex.boxes = [Box(10 + i, 10, 60, 60, positive=False)]
+        assert ranked == [] and ex._question_pending is not None  # the update did not wait for the ranking
+        await asyncio.sleep(0.2)
+        assert ranked == [1] and ex._question_pending is None  # one ranking, for the last state
+        ex.undo(), ex.redo()
+        await asyncio.sleep(0.2)
+        assert ranked == [1]  # the undone state was left before its ranking; the redone one is cached
+
+    asyncio.run(burst())
+    assert "Check next:" in ex.panel.question.value
+
+
+def test_only_the_layers_module_touches_ipycanvas_private_names():
+    from pathlib import Path
+    import re
+
+    import csr_widgets
+
+    private = re.compile(r"_canvas_manager|ipycanvas\.canvas import|COMMANDS\[|\._caching|_current_canvas")
+    package = Path(csr_widgets.__file__).parent
+    touching = sorted(str(path.relative_to(package)) for path in package.rglob("*.py") if private.search(path.read_text()))
+    assert touching == ["widgets/layers.py"]

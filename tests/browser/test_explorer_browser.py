@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -234,14 +235,31 @@ def lab_cell_types(page):
     return lambda: page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets.map(c => c.model.type)")
 
 
-def test_explorer_in_jupyterlab(tmp_path, browser_context, artifacts):
+@contextmanager
+def opened(front_end: str, tmp_path, browser_context):
+    """The fixture notebook run in a front end ("jupyterlab", "notebook7", "voila"); yields
+    the page. Page errors that mention the canvas fail the test."""
     root = tmp_path / "root"
     harness.prepare_root(root)
     errors = []
-    with harness.jupyter_lab(root) as (url, token, log):
+    server = harness.voila(root, "explorer.ipynb") if front_end == "voila" else (
+        harness.jupyter_lab(root) if front_end == "jupyterlab" else harness.notebook7(root))
+    with server as served:
         page = browser_context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
-        harness.open_notebook_in_lab(page, url, token, "explorer.ipynb", timeout=TIMEOUT)
+        if front_end == "voila":
+            page.goto(served[0], timeout=TIMEOUT)
+        else:
+            url, token, _ = served
+            harness.open_notebook_in_lab(page, url, token, "explorer.ipynb", timeout=TIMEOUT,
+                                         front_end="lab" if front_end == "jupyterlab" else "notebook")
+        yield page
+    canvas_errors = [e for e in errors if "canvas" in e.lower()]
+    assert not canvas_errors, canvas_errors
+
+
+def test_explorer_in_jupyterlab(tmp_path, browser_context, artifacts):
+    with opened("jupyterlab", tmp_path, browser_context) as page:
         assert page.locator(".jp-FileBrowser").is_visible()  # the narrow case: file browser open
         box = exercise(page, artifacts, "jupyterlab", lab_cell_types(page))
 
@@ -253,30 +271,15 @@ def test_explorer_in_jupyterlab(tmp_path, browser_context, artifacts):
         wait_for_pixels(page, lambda p: p[..., 3].min() == 255 and p[..., :3].std() > 5 and has_negative_edge(p, box), timeout=60)
         assert "rejected" in page.locator(f"{MAIN} .csr-concept-row", has_text="cavity").inner_text()
         page.screenshot(path=str(artifacts / "jupyterlab-explorer-reloaded.png"), full_page=True)
-    canvas_errors = [e for e in errors if "canvas" in e.lower() or "ipycanvas" in e.lower()]
-    assert not canvas_errors, canvas_errors
 
 
 def test_explorer_in_notebook7(tmp_path, browser_context, artifacts):
-    root = tmp_path / "root"
-    harness.prepare_root(root)
-    errors = []
-    with harness.notebook7(root) as (url, token, log):
-        page = browser_context.new_page()
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        harness.open_notebook_in_lab(page, url, token, "explorer.ipynb", timeout=TIMEOUT, front_end="notebook")
+    with opened("notebook7", tmp_path, browser_context) as page:
         exercise(page, artifacts, "notebook7", lab_cell_types(page))
-    assert not [e for e in errors if "canvas" in e.lower()], errors
 
 
 def test_explorer_in_voila(tmp_path, browser_context, artifacts):
-    root = tmp_path / "root"
-    harness.prepare_root(root)
-    errors = []
-    with harness.voila(root, "explorer.ipynb") as (url, log):
-        page = browser_context.new_page()
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(url, timeout=TIMEOUT)
+    with opened("voila", tmp_path, browser_context) as page:
         exercise(page, artifacts, "voila")
 
         # a window narrower than the canvas: it shrinks, and the mouse still lands exactly
@@ -290,4 +293,3 @@ def test_explorer_in_voila(tmp_path, browser_context, artifacts):
         harness.drag(page, (target["x0"], target["y0"]), (target["x1"], target["y1"]), selector=CANVAS)
         wait_for_pixels(page, lambda p: has_negative_edge(p, target, "y0") and has_negative_edge(p, target, "y1"))
         page.screenshot(path=str(artifacts / "voila-420.png"), full_page=True)
-    assert not [e for e in errors if "canvas" in e.lower()], errors
