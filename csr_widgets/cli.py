@@ -333,7 +333,8 @@ def _run_record(checkpoint: Path | None) -> dict:
 
 DEMO_CELLS = [
     "# csr_widgets demo\n\nDraw a **negative** box (press `n`, then drag) over the brightest region of the heatmap, "
-    "or untick a concept, and watch the prediction change. `u` undoes, `r` redoes.",
+    "or untick a concept, and watch the prediction change. `z` undoes, `y` redoes; keys go to the image while "
+    "the pointer is over it.",
     "from csr_widgets import CSRExplorer, SyntheticCXR, load_pretrained\n\n"
     "model = load_pretrained(\"synthetic-cxr\")\n"
     "image = SyntheticCXR(n=20, split=\"test\", image_size=model.config.image_size)[3][\"image\"]\n"
@@ -342,21 +343,48 @@ DEMO_CELLS = [
 ]
 
 
-def _demo(args) -> int:
-    import subprocess
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+NODELAY_EXTENSION = "csr_widgets.widgets.server"  # TCP_NODELAY on the kernel websockets
 
+
+def demo_notebook(path: Path) -> bool:
+    """Write the demo notebook (with a kernelspec: no "Select Kernel" dialog); never
+    overwrite one the user has changed. True when it was written."""
     import nbformat
 
-    path = Path("csr-widgets-demo.ipynb")
-    if not path.exists():  # never overwrite a notebook the user has changed
-        notebook = nbformat.v4.new_notebook()
-        notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
-        nbformat.write(notebook, path)
-    command = [sys.executable, "-m", "jupyter", "lab", str(path), "--ip=127.0.0.1", f"--port={args.port}"]
-    if args.no_browser:
+    if path.exists():
+        return False
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = dict(KERNELSPEC)
+    notebook.metadata["language_info"] = {"name": "python"}
+    notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
+    nbformat.write(notebook, path)
+    return True
+
+
+def demo_command(path: Path, port: int, no_browser: bool, as_root: bool) -> list[str]:
+    """The JupyterLab command of ``csr-widgets demo``: on 127.0.0.1, with the package's
+    TCP_NODELAY server extension enabled (added to the extensions enabled elsewhere)."""
+    command = [sys.executable, "-m", "jupyter", "lab", str(path), "--ip=127.0.0.1", f"--port={port}",
+               f"--ServerApp.jpserver_extensions={NODELAY_EXTENSION}=True"]
+    if as_root:
+        command.append("--allow-root")  # Jupyter refuses to start as root without it
+    if no_browser:
         command.append("--no-browser")
-    print(f"opening {path.resolve()} in JupyterLab on http://127.0.0.1:{args.port}")
-    return subprocess.call(command)
+    return command
+
+
+def _demo(args) -> int:
+    import os
+    import subprocess
+
+    path = Path("csr-widgets-demo.ipynb")
+    demo_notebook(path)
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if as_root:
+        print("running as root (e.g. in a container): starting JupyterLab with --allow-root", flush=True)
+    print(f"opening {path.resolve()} in JupyterLab on http://127.0.0.1:{args.port} (TCP_NODELAY extension on)", flush=True)
+    return subprocess.call(demo_command(path, args.port, args.no_browser, as_root))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from PIL import Image
 from csr_widgets import Box, CSRConfig, CSRModel, Interaction
 from csr_widgets.model import FeatureGrid
 from csr_widgets.widgets import CSRExplorer, render
-from csr_widgets.widgets.explorer import single_threaded
+from csr_widgets._inference import single_threaded
 from csr_widgets.widgets.image import read_image
 
 COMMAND_NAMES = {v: k for k, v in COMMANDS.items()}
@@ -203,8 +203,8 @@ def test_a_negative_box_on_the_strongest_region_lowers_the_prediction_as_the_mod
     assert after.probs[0, sick] < before.probs[0, sick]
     assert after.contributions[0, sick, 0] < before.contributions[0, sick, 0]
     # the panel shows the new numbers
-    assert f"{after.probs[0, sick].item():.3f}" in ex._prediction.value
-    assert f"{before.probs[0, sick].item():.3f}" in ex._prediction.value  # "before" bars
+    assert f"{after.probs[0, sick].item():.3f}" in ex.panel.prediction.value
+    assert f"{before.probs[0, sick].item():.3f}" in ex.panel.prediction.value  # "before" bars
 
 
 def test_positive_box_and_alpha(model, image):
@@ -223,12 +223,12 @@ def test_rejecting_from_python_equals_unticking(model, image):
     by_python = CSRExplorer(model, image)
     by_python.rejected = {"nodule"}
     by_click = CSRExplorer(model, image)
-    by_click._concept_boxes["nodule"].value = False  # the checkbox, as the browser sets it
+    by_click.panel.checks["nodule"].value = False  # the checkbox, as the browser sets it
     assert by_click.rejected == {"nodule"}
     assert_same_result(by_python.result, by_click.result)
     assert_same_result(by_python.result, direct(by_python, rejected={"nodule"}))
-    assert by_python._concept_boxes["nodule"].value is False  # the control shows the state
-    assert "rejected" in by_python._concept_cells["nodule"].value
+    assert by_python.panel.checks["nodule"].value is False  # the control shows the state
+    assert "rejected" in by_python.panel.cells["nodule"].value
     # rejected concepts' scores become the absent baseline
     assert torch.allclose(by_python.result.scores[0, 0], model.absent_baseline[0])
 
@@ -238,8 +238,8 @@ def test_review_flag_is_shown_plainly(model, image):
     probs = sorted(ex.result.probs[0].tolist(), reverse=True)
     needs = probs[0] - probs[1] < 0.3
     assert bool(ex.result.needs_review[0]) == needs
-    assert ("Needs review" in ex._review.value) == needs
-    assert f"{probs[0] - probs[1]:.2f}" in ex._review.value
+    assert ("Needs review" in ex.panel.confidence.value) == needs
+    assert f"{probs[0] - probs[1]:.2f}" in ex.panel.confidence.value
 
 
 # ---------------------------------------------------------------------------- undo / redo
@@ -261,7 +261,7 @@ def test_undo_restores_the_exact_previous_result_and_redo_returns(model, image):
         assert_same_result(ex.result, results[i])
         assert ex.to_dict() == states[i]
     assert not ex.undo() and not ex.can_undo
-    assert ex._concept_boxes["effusion"].value is True
+    assert ex.panel.checks["effusion"].value is True
     for i in range(1, len(results)):
         assert ex.redo()
         assert_same_result(ex.result, results[i])
@@ -342,14 +342,16 @@ def test_a_mouse_move_flood_leaves_no_backlog(model, image, messages):
     for i in range(10_000):
         event(ex, "mouse_move", 10 + (i % 300), 10 + (i % 200))
     elapsed = time.perf_counter() - start
-    assert ex.reason_count == calls  # the model never runs while dragging
-    frames = sum(1 for _, name, _, _ in messages if name == "clear")
-    # latest wins: at most one rubber-band frame per frame interval, whatever the event rate
+    # latest wins: the model runs and the box layer is redrawn at most once per frame
+    # interval while dragging, whatever the event rate
+    live = ex.reason_count - calls
+    frames = sum(1 for c, name, _, _ in messages if name == "clear" and c == ex.canvas[3].model_id)
+    assert 1 <= live <= elapsed / ex.frame_interval + 2
     assert frames <= elapsed / ex.frame_interval + 2
-    assert elapsed < 10.0, f"{elapsed:.1f} s for 10,000 moves"
-    assert ex._frame_pending is None  # no loop here: nothing left queued
+    assert elapsed < 20.0, f"{elapsed:.1f} s for 10,000 moves"
+    assert ex._frames.pending is None  # no loop here: nothing left queued
     event(ex, "mouse_up", 300, 200)
-    assert ex.reason_count == calls + 1
+    assert ex.reason_count <= calls + live + 1  # the exact final state (unless a frame had it)
     assert_same_result(ex.result, direct(ex, [ex.geometry.box_to_model(ex.boxes[0])]))
 
 
@@ -362,15 +364,19 @@ def test_the_trailing_frame_is_scheduled_once_on_the_event_loop(model, image, me
         event(ex, "mouse_down", 10, 10)
         for i in range(1000):
             event(ex, "mouse_move", 20 + i % 100, 30)
-        assert ex._frame_pending is not None  # one trailing frame, not a thousand
-        ex._drag.current = (77.0, 66.0)
+        assert ex._frames.pending is not None  # one trailing frame, not a thousand
+        event(ex, "mouse_move", 77.0, 66.0)
         await asyncio.sleep(0.12)
-        assert ex._frame_pending is None
+        assert ex._frames.pending is None
 
     messages.clear()
     asyncio.run(flood())
     rects = [args for _, name, args, _ in messages if name == "strokeRect"]
-    assert rects and rects[-1][:2] == [10.0, 10.0] and rects[-1][2:] == [67.0, 56.0]  # the latest position
+    # the live box at the latest position: (10, 10)-(77, 66) snapped outwards to image pixels
+    x0, y0, x1, y1 = ex.geometry.box_to_canvas(ex.geometry.box_from_canvas(10, 10, 77, 66, positive=True))
+    assert (x0, y0) <= (10, 10) and (x1, y1) >= (77, 66)
+    assert rects and rects[-1] == [x0, y0, x1 - x0, y1 - y0]
+    assert ex.result.probs.tolist() == direct(ex, [ex.geometry.box_to_model(ex.geometry.box_from_canvas(10, 10, 77, 66, True))]).probs.tolist()
 
 
 def test_nothing_is_recomputed_or_resent_when_nothing_changed(model, image, messages):
@@ -433,7 +439,7 @@ def test_the_heatmap_sent_is_the_expected_rgba_map(model, image, messages):
     ex = CSRExplorer(model, image, concept="cavity", colormap="cividis", opacity=0.4)
     messages.clear()
     ex.boxes = [Box(0, 0, 120, 80, positive=False)]
-    heat_id = ex._heat_source.model_id
+    heat_id = ex._layers.heat_source.model_id
     puts = [(c, args, bufs) for c, name, args, bufs in messages if name == "putImageData"]
     assert len(puts) == 1 and puts[0][0] == heat_id
     # the browser draws a "putImageData" over what is there: the hidden canvas is cleared first
@@ -500,7 +506,7 @@ def test_client_ready_resets_the_canvas_manager_and_redraws(model, image, messag
     canvases = [c for c, name, _, _ in messages if name == "putImageData"]
     # the image layer gets its image again, though it was the manager's current canvas:
     # a switchCanvas was sent first (the capture records it as the canvas of the command)
-    assert canvases == [ex.canvas[0].model_id, ex._heat_source.model_id]
+    assert canvases == [ex.canvas[0].model_id, ex._layers.heat_source.model_id]
 
 
 # ---------------------------------------------------------------------------- persistence, fallback

@@ -96,7 +96,9 @@ def refit_head(model, dataset, progress=None, steps: int = 30):
 
 
 def test_usage_counts_and_sorting(model, dataset):
-    ax = AtlasExplorer(model, Atlas(dataset), dataset)
+    atlas = Atlas(dataset)
+    del atlas.usage  # an atlas without counts: the explorer counts them on the dataset
+    ax = AtlasExplorer(model, atlas, dataset)
     # each image adds one count per present concept: nodule in 6 images, effusion in all 12
     assert ax.usage.shape == (K, M)
     assert ax.usage.sum(1).tolist() == [6, 12, 0]
@@ -112,12 +114,15 @@ def test_usage_counts_and_sorting(model, dataset):
     assert ax.order(2) == list(range(M))
 
 
-def test_without_a_dataset_usage_comes_from_the_atlas(model, dataset):
+def test_usage_comes_from_the_atlas_when_it_has_counts(model, dataset):
     atlas = Atlas(dataset, missing={(0, 1)})
+    np.testing.assert_array_equal(AtlasExplorer(model, atlas, dataset).usage, atlas.usage)  # no pass over the dataset
     ax = AtlasExplorer(model, atlas)
     np.testing.assert_array_equal(ax.usage, atlas.usage)
     assert ax.order(0) == [0, 1, 2, 3]  # usage reversed by construction: highest first
-    assert ax._apply_button.disabled
+    # "apply" cannot refit without the training images, and says so
+    assert ax._apply_button.disabled and "AtlasExplorer(model, atlas, dataset)" in ax._apply_button.tooltip
+    assert "needs the training images" in ax._status.value
     assert ax.f1_start is None and "no validation" in ax._f1.value
     tile_image = ax._tiles[0, 1].children[0]
     assert tile_image.value == b""  # no entry: an empty tile, no error
@@ -242,7 +247,7 @@ def test_explorer_shows_the_atlas_crop_of_each_concepts_best_prototype(model, da
 
     for k, name in enumerate(model.concepts):
         expected = render.encode_png(render.crop_rgba(atlas[k, best[k]].crop))
-        assert ex._concept_crops[name].value == expected
+        assert ex.panel.crops[name].value == expected
 
 
 def test_the_packages_atlas_and_default_refit(model, dataset):
@@ -267,3 +272,31 @@ def test_the_packages_atlas_and_default_refit(model, dataset):
     before, after = ax.apply()  # csr_widgets.training.refit_task_head, for real
     assert ax._progress.value == 1.0 and after is not None
     assert ax._status.value == "refitted"
+
+
+def test_tiles_say_what_they_mean_in_words(model, dataset):
+    ax = AtlasExplorer(model, Atlas(dataset, missing={(0, 1)}))
+    caption = ax._captions[1, 2].value
+    weight = float(model.task_head.linear.weight.detach().view(-1, K, M).abs().amax(0)[1, 2])
+    assert "prototype 2" in caption and f"best match in {ax.usage[1, 2]} training images" in caption
+    assert f"head weight {weight:.2f}" in caption and "similarity" in caption and "image #" in caption
+    assert "no training image shows its concept" in ax._captions[0, 1].value
+
+
+def test_every_view_of_a_model_shows_its_mask(model, dataset):
+    with torch.no_grad():
+        model.prototype_mask[0, 2] = False  # pruned before any explorer opened
+    first, second = AtlasExplorer(model, Atlas(dataset)), AtlasExplorer(model, Atlas(dataset))
+    for ax in (first, second):
+        assert ax._toggles[0, 2].value is False and "csr-pruned" in ax._tiles[0, 2]._dom_classes
+        assert "pruned" in ax._captions[0, 2].value
+    image = dataset[3]["image"]
+    explorer = CSRExplorer(model, image, display_size=128, questions=False)
+    before = explorer.result
+    first._toggles[1, 1].value = False  # pruned in one explorer...
+    assert second._toggles[1, 1].value is False and "csr-pruned" in second._tiles[1, 1]._dom_classes  # ...shown in the other
+    assert explorer.result is not before  # and the live explorer reasons with the new mask
+    with torch.no_grad():
+        torch.testing.assert_close(explorer.result.logits, model(image[None]).logits)
+    second.set_pruned(1, 1, pruned=False)
+    assert first._toggles[1, 1].value is True and "csr-pruned" not in first._tiles[1, 1]._dom_classes

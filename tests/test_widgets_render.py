@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import replace
 
 import matplotlib
 import numpy as np
@@ -13,7 +15,8 @@ from csr_widgets import Box
 from csr_widgets.model import FeatureGrid
 from csr_widgets.widgets import render
 from csr_widgets.widgets.geometry import ViewGeometry
-from csr_widgets.widgets.session import ExplorerState, History, as_boxes, parse_session, session_dict
+from csr_widgets.widgets.overlay import BoxMark, Footprint
+from csr_widgets.widgets.session import ExplorerState, History, ViewSettings, as_boxes, parse_session, session_dict
 
 RESNET = FeatureGrid(channels=128, stride=8, offset=0.0)  # "same"-padded CNN, stride 8
 PATCHES = FeatureGrid(channels=64, stride=16, offset=7.5)  # patchify stem / ViT
@@ -111,12 +114,19 @@ def test_crops_of_every_layout_become_rgba():
         render.crop_rgba(np.zeros((2, 3, 4, 5)))
 
 
-def test_boxes_are_drawn_at_their_edges():
-    canvas = np.zeros((20, 30, 4), np.uint8)
-    drawn = render.draw_boxes(canvas, [(2, 3, 12, 10, True)], width=1)
-    assert tuple(drawn[3, 5, :3]) == (0x00, 0x72, 0xB2)
-    assert tuple(drawn[9, 5, :3]) == (0x00, 0x72, 0xB2)  # y1 = 10 exclusive: last row 9
-    assert drawn[6, 6, 3] == 0  # inside stays untouched
+def test_boxes_are_drawn_at_their_edges_over_their_cells():
+    canvas = np.zeros((40, 30, 4), np.uint8)
+    canvas[..., 3] = 255
+    cells = Footprint((0.0, 0.0, 16.0, 16.0), (8.0,), (8.0,))
+    drawn = render.draw_marks(canvas, [BoxMark((2, 23, 12, 30), True, "+ all concepts", None),
+                                       BoxMark((20, 2, 28, 10), True, "+ all concepts", cells)], width=1)
+    assert tuple(drawn[23, 5, :3]) == (0x00, 0x72, 0xB2)
+    assert tuple(drawn[29, 5, :3]) == (0x00, 0x72, 0xB2)  # y1 = 30 exclusive: last row 29
+    assert tuple(drawn[26, 6, :3]) == (0, 0, 0)  # inside stays untouched
+    # the cells the second box acts on are shaded faintly: blue at CELL_FILL_ALPHA over black
+    expected = np.array(render.POSITIVE_RGB) * render.CELL_FILL_ALPHA
+    assert np.abs(drawn[12, 4, :3] - expected).max() <= 1
+    assert tuple(drawn[36, 25, :3]) == (0, 0, 0)  # outside the cells: untouched
 
 
 def test_geometry_maps_boxes_exactly():
@@ -131,6 +141,24 @@ def test_geometry_maps_boxes_exactly():
     assert g.box_to_canvas(Box(20, 40, 60, 80)) == (10.0, 20.0, 30.0, 40.0)
     with pytest.raises(ValueError, match="display_size"):
         ViewGeometry.fit((10, 10), (8, 8), display_size=4)
+
+
+def test_view_changes_are_not_undo_steps_and_undo_keeps_the_view():
+    h = History(ExplorerState())
+    magma = ViewSettings(colormap="magma")
+    assert h.push(ExplorerState(view=magma))  # shown differently...
+    assert not h.can_undo  # ...but nothing to undo
+    boxed = ExplorerState(boxes=(Box(1, 2, 3, 4),), view=magma)
+    assert h.push(boxed)
+    h.push(replace(boxed, view=ViewSettings(colormap="cividis", tool="negative")))
+    assert h.undo() == ExplorerState(view=ViewSettings(colormap="cividis", tool="negative"))
+    assert h.redo() == replace(boxed, view=ViewSettings(colormap="cividis", tool="negative"))
+    assert ViewSettings(concept="nodule", target="shown").box_concept == "nodule"
+    assert ViewSettings(concept="nodule").box_concept is None
+    with pytest.raises(ValueError, match="tool"):
+        ViewSettings(tool="lasso")
+    with pytest.raises(ValueError, match="target"):
+        ViewSettings(target="some")
 
 
 def test_history_is_bounded_and_branches():
@@ -155,9 +183,15 @@ def test_boxes_from_plain_data_and_sessions():
         as_boxes(5)
     with pytest.raises(ValueError, match="keys"):
         as_boxes([{"x": 1}])
-    state = ExplorerState((Box(1, 2, 3, 4, False),), frozenset({"a"}), 0.4)
-    data = session_dict(state, (10, 20), ["a", "b"], ["x", "y"], {"concept": "a"})
-    assert parse_session(data, ["a", "b"], (10, 20)) == (state, {"concept": "a"})
+    state = ExplorerState((Box(1, 2, 3, 4, False),), frozenset({"a"}), 0.4, frozenset({("present", "b")}),
+                          ViewSettings(concept="a", colormap="magma", target="shown"))
+    data = session_dict(state, (10, 20), ["a", "b"], ["x", "y"])
+    assert parse_session(json.dumps(data), ["a", "b"], (10, 20)) == state
+    older = {k: v for k, v in data.items() if k != "answered"}  # a /2 session saved before answers
+    older["view"] = {"concept": "a", "retired_setting": 1}
+    assert parse_session(older, ["a", "b"], (10, 20)) == ExplorerState(state.boxes, state.rejected, 0.4, view=ViewSettings(concept="a"))
+    with pytest.raises(ValueError, match="unknown concepts \\['c'\\]"):
+        parse_session({**data, "view": {"concept": "c"}}, ["a", "b"], (10, 20))
     with pytest.raises(ValueError, match="JSON"):
         parse_session("{not json", ["a", "b"], (10, 20))
     with pytest.raises(ValueError, match="unknown concepts"):

@@ -12,15 +12,19 @@ image, x1/y1 exclusive), ``similarity`` and an optional ``heatmap`` ((h, w) in [
 ``csr_widgets.evaluation.atlas.atlas_entry`` reads both.
 
 Optionally ``atlas.usage``: (K, M) counts of how often each prototype is the best of its
-concept; when a dataset is given the explorer counts this itself. Without a ``heatmap``,
-and with a dataset, a tile shows the prototype's similarity map on its source image.
+concept (``build_atlas`` stores them); when the atlas has none and a dataset is given, the
+explorer counts them (one pass over the dataset: ~5 min for the bundled recipe's 3,000
+images on a 2-core machine, so an atlas's own counts are preferred). Without a
+``heatmap``, and with a dataset, a tile shows the prototype's similarity map on its
+source image (only the atlas's source images are encoded).
 
 Dataset items are read as docs/architecture.md#the-item-format describes them (image
 (C, H, W) in [0, 1], concepts (K,), label, boxes), as a mapping, an object with those
 attributes, or a tuple.
 
 Pruning writes ``model.prototype_mask`` (a public mask: pruned prototypes enter the task
-head as 0). "Apply" refits the task head with ``refit(model, dataset, progress=callback)``, where
+head as 0), and the tiles show that mask: a prototype pruned before the explorer opened
+shows pruned, and every widget on the same model follows each change (``views``). "Apply" refits the task head with ``refit(model, dataset, progress=callback)``, where
 ``callback(fraction)`` takes a float in [0, 1] (a refit without a ``progress`` parameter
 is called without it); the default is ``csr_widgets.training.refit_task_head``.
 Validation macro F1 is shown before and after.
@@ -39,7 +43,8 @@ import traitlets
 
 from .._inference import evaluating, single_threaded
 from ..model import CSRModel, Encoding
-from . import render
+from . import render, views
+from .page import style_widget
 from .image import model_input, read_image
 
 MASK_FORMAT = "csr_widgets.prototype_mask/1"
@@ -110,6 +115,7 @@ class AtlasExplorer(widgets.VBox):
 
         self.usage = self._usage_counts()  # (K, M) int or None
         self._build(sort, columns)
+        views.follow(model, self._model_changed)
         self.f1_start = self.validation_f1()
         self._f1_before = self._f1_after = None
         self._show_f1()
@@ -149,9 +155,9 @@ class AtlasExplorer(widgets.VBox):
         encodings when validation is the dataset, the atlas source images' maps), so each
         image is encoded once.
         """
-        if self.dataset is None:
-            usage = getattr(self.atlas, "usage", None)
-            return None if usage is None else np.asarray(usage, dtype=np.int64)
+        usage = getattr(self.atlas, "usage", None)
+        if usage is not None or self.dataset is None:
+            return None if usage is None else np.asarray(torch.as_tensor(usage).cpu(), dtype=np.int64)
         K, M = self.model.config.num_concepts, self.model.config.prototypes_per_concept
         counts = np.zeros((K, M), np.int64)
         sources = self._source_indices()
@@ -283,33 +289,58 @@ class AtlasExplorer(widgets.VBox):
         self._captions: dict[tuple[int, int], widgets.HTML] = {}
         self._tiles: dict[tuple[int, int], widgets.VBox] = {}
         self._grids: list[widgets.GridBox] = []
+        cell = self.tile_size + 24  # a tile and its padding, px
         for k in range(K):
             for m in range(M):
                 self._tiles[k, m] = self._tile(k, m)
-            grid = widgets.GridBox(layout=widgets.Layout(grid_template_columns=f"repeat({columns}, {self.tile_size + 24}px)", grid_gap="6px"))
+            # as many columns as fit, at most ``columns``: the grid wraps in a narrow notebook
+            grid = widgets.GridBox(layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {cell}px)", grid_gap="6px",
+                                                         max_width=f"{columns * (cell + 6)}px"))
+            grid.add_class("csr-atlas-grid")
             self._grids.append(grid)
-        self._tabs = widgets.Tab(children=self._grids, titles=tuple(self.model.concepts))
+        # a concept per button (they wrap), not tabs (cut to "nod..." when the concepts do not fit)
+        self._concept = widgets.ToggleButtons(options=[(name, k) for k, name in enumerate(self.model.concepts)], value=0,
+                                              description="concept", style=widgets.ToggleButtonsStyle(button_width="auto"))
+        self._grid_box = widgets.Box([self._grids[0]])
+        self._concept.observe(lambda change: setattr(self._grid_box, "children", [self._grids[change["new"]]]), names="value")
         self._sort = widgets.ToggleButtons(
             options=[("by usage", "usage"), ("by head weight", "weight"), ("by index", "index")],
             value=sort, description="sort", style=widgets.ToggleButtonsStyle(button_width="auto"),
         )
         self._sort.observe(lambda _: self._arrange(), names="value")
-        self._apply_button = widgets.Button(description="apply: refit head", icon="refresh", disabled=self.dataset is None,
-                                            tooltip="refit the task head with the pruned prototypes masked")
+        needs = "" if self.dataset is not None else " (needs the training images: AtlasExplorer(model, atlas, dataset))"
+        self._apply_button = widgets.Button(description="apply: refit the task head", icon="refresh", disabled=self.dataset is None,
+                                            tooltip="refit the task head with the pruned prototypes masked" + needs)
+        self._apply_button.layout.width = "auto"
         self._apply_button.on_click(lambda _: self._apply_clicked())
         self._progress = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(visibility="hidden", width="200px"))
-        self._status = widgets.HTML()
+        self._status = widgets.HTML(
+            "" if self.dataset is not None else
+            '<span class="csr-apply-needs" style="color:#555">"apply" needs the training images the atlas was built from: '
+            "<code>AtlasExplorer(model, atlas, dataset)</code></span>"
+        )
         self._f1 = widgets.HTML()
         self._f1.add_class("csr-atlas-f1")
-        self._mask_text = widgets.Textarea(placeholder="pruning mask (JSON)", layout=widgets.Layout(width="100%", height="70px"))
-        export_button = widgets.Button(description="export mask")
+        self._mask_text = widgets.Textarea(placeholder="pruning mask (JSON)", layout=widgets.Layout(width="auto", height="70px", align_self="stretch"))
+        export_button = widgets.Button(description="export mask", tooltip="the pruned prototypes as JSON, in the box below")
         export_button.on_click(lambda _: setattr(self._mask_text, "value", json.dumps(self.export_mask())))
-        load_button = widgets.Button(description="load mask")
+        load_button = widgets.Button(description="load mask", tooltip="prune as the JSON in the box below says")
         load_button.on_click(lambda _: self._load_clicked())
+        toolbar = widgets.HBox([self._sort, self._apply_button, self._progress, self._status])
+        toolbar.add_class("csr-atlas-toolbar")
+        legend = widgets.HTML(
+            '<div style="font-size:12px;color:#333">Each tile: the training-image patch a prototype matches best '
+            "(heatmap: where in the patch), how many training images it is its concept's best match for, its largest "
+            "weight in the task head, and that patch's similarity. Untick <i>keep</i> to prune a prototype (a shortcut such "
+            "as a text marker or a device), then <i>apply</i> to refit the task head without it.</div>"
+        )
         self.children = [
-            widgets.HBox([self._sort, self._apply_button, self._progress, self._status]),
+            style_widget(),
+            toolbar,
             self._f1,
-            self._tabs,
+            legend,
+            self._concept,
+            self._grid_box,
             widgets.HBox([export_button, load_button]),
             self._mask_text,
         ]
@@ -321,26 +352,35 @@ class AtlasExplorer(widgets.VBox):
         image = widgets.Image(format="png", layout=widgets.Layout(width=f"{self.tile_size}px", height=f"{self.tile_size}px"))
         if entry is not None:
             image.value = render.encode_png(self._tile_rgba(k, m, entry))
-        toggle = widgets.Checkbox(value=bool(self.model.prototype_mask[k, m]), description="keep", indent=False)
+        toggle = widgets.Checkbox(value=bool(self.model.prototype_mask[k, m]), description="keep", indent=False,
+                                  tooltip="untick to prune this prototype")
         toggle.observe(lambda change, k=k, m=m: self._on_toggle(k, m, change["new"]), names="value")
         caption = widgets.HTML()
         self._toggles[k, m], self._captions[k, m] = toggle, caption
         tile = widgets.VBox([image, caption, toggle], layout=widgets.Layout(padding="2px", border="1px solid #ddd"))
         tile.add_class("csr-atlas-tile")
+        self._tiles[k, m] = tile
         self._caption(k, m, entry)
+        self._style_tile(k, m)  # pruned before the explorer opened: shown so
         return tile
 
     def _caption(self, k: int, m: int, entry=None, weights: np.ndarray | None = None) -> None:
+        """The tile's text, in words: which prototype, how often it is used, its weight, its match."""
         if entry is None:
             entry = self._entries[k, m]
         weights = self.weights() if weights is None else weights
-        usage = "&ndash;" if self.usage is None else str(int(self.usage[k, m]))
-        similarity = "" if entry is None or entry.similarity is None else f" &middot; sim {entry.similarity:.2f}"
-        source = "" if entry is None or entry.source_index is None else f"<br>image #{entry.source_index}"
-        self._captions[k, m].value = (
-            f'<div style="font-size:11px;line-height:1.2">p{m} &middot; used {usage}<br>'
-            f"|w| {weights[k, m]:.2f}{similarity}{source}</div>"
-        )
+        lines = [f"<b>prototype {m}</b>{' &middot; <b>pruned</b>' if not bool(self.model.prototype_mask[k, m]) else ''}"]
+        if self.usage is not None:
+            count = int(self.usage[k, m])
+            lines.append(f"best match in {count} training image{'s' if count != 1 else ''}")
+        lines.append(f"head weight {weights[k, m]:.2f}")
+        if entry is None:
+            lines.append("<i>no training image shows its concept</i>")
+        else:
+            match = "" if entry.similarity is None else f"similarity {entry.similarity:.2f}"
+            source = "" if entry.source_index is None else f"image #{entry.source_index}"
+            lines.append(" &middot; ".join(part for part in (match, source) if part))
+        self._captions[k, m].value = f'<div style="font-size:11px;line-height:1.3">{"<br>".join(lines)}</div>'
 
     def _tile_rgba(self, k: int, m: int, entry) -> np.ndarray:
         crop = render.crop_rgba(entry.crop)
@@ -413,16 +453,28 @@ class AtlasExplorer(widgets.VBox):
         with torch.no_grad():
             self.model.prototype_mask[k, m] = keep
         self._style_tile(k, m)
+        self._caption(k, m)
         self._bump()
 
     def _style_tile(self, k: int, m: int) -> None:
-        kept = bool(self.model.prototype_mask[k, m])
-        self._tiles[k, m].layout.border = "1px solid #ddd" if kept else "2px dashed #D55E00"
+        if bool(self.model.prototype_mask[k, m]):
+            self._tiles[k, m].remove_class("csr-pruned")
+        else:
+            self._tiles[k, m].add_class("csr-pruned")
 
     def _sync_toggles(self) -> None:
+        """Show the model's mask (the one truth: other widgets may have changed it)."""
+        weights = self.weights()
         for (k, m), toggle in self._toggles.items():
             toggle.value = bool(self.model.prototype_mask[k, m])
             self._style_tile(k, m)
+            self._caption(k, m, weights=weights)
+
+    def _model_changed(self) -> None:
+        """Another widget pruned or refitted this model: show it."""
+        self._sync_toggles()
+        if self._sort.value == "weight":
+            self._arrange()
 
     def _refresh_weights(self) -> None:
         weights = self.weights()
@@ -456,6 +508,7 @@ class AtlasExplorer(widgets.VBox):
 
     def _bump(self) -> None:
         self.set_trait("revision", self.revision + 1)
+        views.announce(self.model, source=self)
 
 
 def _default_refit(model, dataset, progress=None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from html import escape
 
+import numpy as np
+
 BEFORE_COLOR = "#999999"
 AFTER_COLOR = "#0072B2"
 POSITIVE_CONTRIBUTION = "#0072B2"
@@ -41,8 +43,23 @@ def _bar(value: float, color: str, height: int) -> str:
     )
 
 
-def review_flag(probs: list[float], margin: float, needs_review: bool) -> str:
-    """The review rule in plain words: top-1 minus top-2 probability against the margin."""
+OOD_WARNING = "Unlike the training images: do not trust this prediction"
+
+
+def confidence_flag(probs: list[float], margin: float, needs_review: bool, out_of_distribution: bool,
+                    distance_ratio: float | None = None) -> str:
+    """How far to trust the prediction, in plain words.
+
+    Out of distribution overrides everything: on an image unlike the training images a
+    high probability means nothing (docs/decisions.md#out-of-distribution). Otherwise the
+    review rule: top-1 minus top-2 probability against the margin.
+    """
+    if out_of_distribution:
+        how_far = "" if distance_ratio is None else f" (its distance from the training images is {distance_ratio:.1f} times the limit)"
+        return (
+            '<div class="csr-review csr-ood" style="padding:4px 6px;border:2px solid #D55E00;background:#fbe9df">'
+            f"<b>&#9888; {OOD_WARNING}</b>{how_far}. Use an image like those the model was trained on.</div>"
+        )
     ordered = sorted(probs, reverse=True)
     gap = ordered[0] - (ordered[1] if len(ordered) > 1 else 0.0)
     if needs_review:
@@ -56,6 +73,65 @@ def review_flag(probs: list[float], margin: float, needs_review: bool) -> str:
     )
 
 
+def confidence_words(needs_review: bool, out_of_distribution: bool) -> str:
+    """The same verdict as one phrase, for captions and text."""
+    if out_of_distribution:
+        return OOD_WARNING.lower()
+    return "needs review" if needs_review else "confident"
+
+
+def colour_bar(lut: np.ndarray, vmax: float, concept: str, prototype: int | None, prototypes: int, fade: bool) -> str:
+    """The heatmap's legend: its colours from 0 to ``vmax`` and what they measure.
+
+    lut: (256, 4) uint8 colormap; vmax: the similarity the brightest colour stands for.
+    """
+    stops = ", ".join(f"rgb({r},{g},{b})" for r, g, b, _ in lut[np.linspace(0, 255, 9).astype(int)])
+    which = f"prototype {prototype}" if prototype is not None else f"the best of its {prototypes} prototypes"
+    faded = "; faint where low" if fade else ""
+    return (
+        '<div class="csr-colour-bar" style="font-size:12px;line-height:1.35">'
+        f'<div style="display:flex;align-items:center;gap:6px"><span>0</span>'
+        f'<span style="flex:1;height:10px;border:1px solid #999;background:linear-gradient(to right, {stops})"></span>'
+        f'<span class="csr-vmax">{vmax:.2f}</span></div>'
+        f"Heatmap: how similar each region is to {escape(concept)} ({which}), cosine similarity "
+        f"from 0 to {vmax:.2f}, the highest before your boxes{faded}.</div>"
+    )
+
+
+def legend(class_name: str) -> str:
+    """One line each on what the panel's numbers and the image's marks mean."""
+    return (
+        '<div class="csr-legend" style="font-size:12px;line-height:1.35;color:#333">'
+        "<b>score</b>: the concept's best match in this image (cosine similarity 0&ndash;1, after your boxes).<br>"
+        f"<b>to {escape(class_name)}</b>: how much the concept pushes the prediction towards "
+        f"{escape(class_name)} (logit units: + towards, &minus; away).<br>"
+        "<b>boxes</b>: + look here, &minus; not here (dashed); the shaded cells are where the box acts "
+        "on the model's feature grid.</div>"
+    )
+
+
+def question_text(question, classes: list[str], probs: list[float]) -> str:
+    """A "check next" question (csr_widgets.model.Question) in a clinician's words; a
+    location question points at the cell marked on the image, not at coordinates.
+    probs: the current class probabilities (the question was ranked on them)."""
+    first, second = sorted(range(len(probs)), key=lambda n: -probs[n])[:2]
+    article = "an" if question.concept[:1].lower() in "aeiou" else "a"
+    if question.kind == "present":
+        ask = f"Is there really {article} {question.concept}?"
+    else:
+        ask = f"Is the {question.concept} in the marked cell (? check here)?"
+    if question.flips_to != first:
+        return f"{ask} A no would make it {classes[question.flips_to]}."
+    return f"{ask} A no would change {classes[first]}'s lead over {classes[second]} by {question.change_no:.2f}."
+
+
+def question_line(text: str | None) -> str:
+    """The "check next" suggestion (empty when there is nothing left to ask)."""
+    if not text:
+        return '<span class="csr-question csr-question-none"></span>'
+    return f'<span class="csr-question"><b>Check next:</b> {escape(text)}</span>'
+
+
 def concept_cell(score: float, contribution: float, scale: float, rejected: bool, class_name: str) -> str:
     """A concept's score and its signed contribution to the predicted class's logit."""
     share = 0.0 if scale <= 0 else max(-1.0, min(1.0, contribution / scale))
@@ -66,7 +142,7 @@ def concept_cell(score: float, contribution: float, scale: float, rejected: bool
         '<div style="position:absolute;left:50%;width:1px;height:8px;background:#333"></div>'
         f'<div style="position:absolute;left:{left:.1f}%;width:{abs(share) * 50:.1f}%;height:8px;background:{color}"></div></div>'
     )
-    state = ' <i style="color:#D55E00">rejected</i>' if rejected else ""
+    state = ' <i style="color:#D55E00">rejected: scored as absent</i>' if rejected else ""
     return (
         f'<div class="csr-concept-cell" style="font-size:12px;line-height:1.3">'
         f'score <span class="csr-score">{score:.3f}</span>{state}<br>'

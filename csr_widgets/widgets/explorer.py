@@ -3,19 +3,26 @@
 The image is encoded once (``model.encode``: backbone, concept head, projector, similarity
 maps); every change the user makes (a box drawn, moved or deleted, a concept rejected, an
 undo) re-runs only ``model.reason``, which takes about a millisecond. Everything the user
-controls is plain data: ``ex.boxes`` (list of Box, image pixels), ``ex.rejected`` (set of
-concept names), ``ex.alpha``; setting them from Python is the same as using the mouse.
+controls is one value, ``ex.state`` (session.ExplorerState: boxes, rejections, alpha and
+the view settings); the mouse, the keys, the controls and Python setters all make a new
+state, and the explorer shows it. The parts, one job each:
 
-Responsiveness rules (docs/decisions.md#widget-responsiveness):
-- mouse moves only move the rubber band, at most once per ``frame_interval`` (latest
-  position wins, a trailing frame is scheduled on the kernel's event loop), so a flood of
-  events never queues work; the model runs on mouse-up;
+- ``layers``: drawing on ipycanvas (the only code touching its private names);
+- ``panel``: the side panel (prediction, confidence, "check next", legend, concepts);
+- ``pointer``: what drags and keys mean (``KEYMAP``: the one definition of the keys);
+- ``overlay``: what the box layer shows (outlines, labels, the cells a box acts on);
+- ``session``: the state, its undo history and its JSON.
+
+Responsiveness rules (docs/decisions.md#widget-responsiveness, docs/decisions.md#live-drag):
+- while a box is drawn or moved, the heatmap and the prediction follow it, at most once
+  per ``frame_interval`` (latest position wins, a trailing frame is scheduled on the
+  kernel's event loop), so a flood of events never queues work; mouse-up computes the
+  exact final state;
 - canvas commands of one update go out as one message (as with ``hold_canvas``);
 - nothing is recomputed or re-sent when nothing changed (results are cached by state,
   the heatmap by what it shows);
 - the heatmap goes to the browser as the small model-input-sized RGBA map on a hidden
-  canvas, which the overlay layer scales with ``draw_image`` (opacity is the layer's
-  global alpha, so moving the opacity slider re-sends nothing);
+  canvas, which the overlay layer scales with ``draw_image``;
 - ``model.reason`` and the rendering run with one torch thread: for these tiny operations
   a thread pool only adds overhead (threaded BLAS measured 5x slower); the previous thread
   count is restored afterwards, so the rest of the kernel is unaffected.
@@ -25,49 +32,46 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ipywidgets as widgets
 import numpy as np
 import torch
 import traitlets
-from ipycanvas import Canvas, MultiCanvas
-from ipycanvas.canvas import COMMANDS
 
 from .._inference import evaluating, single_threaded
-from ..model import Box, CSRModel, Encoding, Reasoning
-from . import charts, render
+from ..model import Box, CSRModel, Encoding, Reasoning, rank_questions
+from ..model.csr import MAX_ASPECT
+from . import charts, render, views
 from .geometry import ViewGeometry
-from .image import display_rgba, model_input, read_image
-from .session import ExplorerState, History, as_boxes, parse_session, session_dict
+from .image import check_size, display_rgba, model_input, read_image
+from .layers import BOXES, INTERACTION, CanvasLayers
+from .overlay import box_marks
+from .panel import SidePanel
+from .pointer import Drag, FrameCoalescer, action_for, box_at, drag_boxes, hint_line, tooltip
+from .session import ExplorerState, History, ViewSettings, as_boxes, parse_session, session_dict
+from .page import style_widget
 
-MODES = ("positive", "negative", "select")
-MIN_DRAG = 3.0  # canvas pixels: a shorter drag is a click (select), not a box
 RESULT_CACHE = 16  # recent results kept, so undo/redo answer without recomputing
-IMAGE, HEATMAP, BOXES, INTERACTION = range(4)  # MultiCanvas layers, bottom to top
+# "Check next" is ranked this long after the last change, off the path of the update the
+# user waits for: ranking costs ~14 ms on the bundled model (one batched reason over 2K + 1
+# answers), several updates in a row rank once, and undo/redo reuse cached rankings.
+QUESTION_DELAY = 0.1  # seconds
 
 
-def put_rgba(canvas: Canvas, rgba: np.ndarray, x: int = 0, y: int = 0, compress_level: int = 1) -> None:
-    """``canvas.put_image_data`` for RGBA uint8, with our own (faster) PNG encoding.
+class _ByIdentity(traitlets.Any):
+    """A trait that notifies whenever a different object is set. traitlets compares old and
+    new values with ==, which on a Reasoning compares its tensors element by element: 13 ms
+    per live frame at paper size (K=14, M=100), for a comparison that can only fail."""
 
-    ipycanvas encodes with PIL's default level; the browser decodes any PNG the same way.
-    """
-    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[-1] != 4:
-        raise ValueError(f"put_rgba sends RGBA uint8 (H, W, 4) only (RGB would be sent as JPEG), got {rgba.dtype} {rgba.shape}.")
-    png = render.encode_png(rgba, compress_level)
-    canvas._canvas_manager.send_draw_command(canvas, COMMANDS["putImageData"], [x, y], [png])
-
-
-@dataclass
-class _Drag:
-    kind: str  # "draw" or "move"
-    start: tuple[float, float]  # canvas pixels
-    current: tuple[float, float]
-    index: int | None = None  # the box being moved
+    def set(self, obj, value) -> None:
+        new_value = self._validate(obj, value)
+        old_value = obj._trait_values.get(self.name, self.default_value)
+        obj._trait_values[self.name] = new_value
+        if old_value is not new_value:
+            obj._notify_trait(self.name, old_value, new_value)
 
 
 class CSRExplorer(widgets.VBox):
@@ -77,9 +81,10 @@ class CSRExplorer(widgets.VBox):
     ----------
     model: a CSRModel (any device; the explorer computes where the model lives).
     image: torch tensor (C, H, W), numpy array, PIL image, or a path (PNG, JPEG, DICOM), any
-        size and aspect ratio, greyscale or RGB, 8 or 16 bit.
+        size and aspect ratio up to 10:1, greyscale or RGB, 8 or 16 bit.
     atlas: optional prototype atlas (see atlas_explorer.py) to show "this looks like that".
-    display_size: longer side of the canvas in screen pixels (the image keeps its aspect).
+    display_size: longer side of the canvas in pixels (the image keeps its aspect); on a
+        narrower screen the canvas shrinks to fit, mouse positions stay exact.
     input_size: model input (H, W) or side; default the model's ``config.image_size``
         square, what it was trained on. Boxes are mapped exactly either way (geometry.py).
     concept / prototype: the heatmap shown: a concept name (None: no heatmap; "auto": the
@@ -89,10 +94,12 @@ class CSRExplorer(widgets.VBox):
     colormap, opacity, fade: heatmap colours (colour-blind-safe default), layer opacity,
         and whether low similarity fades to transparent.
     boxes, rejected, alpha: the initial interaction.
-    history_limit: undo depth. frame_interval: seconds between rubber-band redraws.
+    target: what a new box acts on: "all" concepts or the "shown" heatmap's concept.
+    questions: show the "check next" suggestion (csr_widgets.model.rank_questions).
+    history_limit: undo depth. frame_interval: seconds between live updates while dragging.
     """
 
-    result = traitlets.Any(read_only=True, help="the current Reasoning (observe it)")
+    result = _ByIdentity(read_only=True, help="the current Reasoning (observe it)")
     busy = traitlets.Bool(False, read_only=True, help="True while the model is computing")
 
     def __init__(
@@ -112,17 +119,20 @@ class CSRExplorer(widgets.VBox):
         boxes=(),
         rejected=(),
         alpha: float | None = None,
+        target: str = "all",
+        questions: bool = True,
         history_limit: int = 200,
-        frame_interval: float = 1 / 30,
+        frame_interval: float = 1 / 60,
     ):
         super().__init__()
         if not all(hasattr(model, name) for name in ("encode", "reason", "config", "grid")):
             raise TypeError(f"CSRExplorer needs a CSRModel, got {type(model).__name__}.")
         self.model = model
         self.atlas = atlas
-        self.frame_interval = float(frame_interval)
+        self.questions = bool(questions)
         image = read_image(image)
         side = model.config.image_size
+        check_size(image, 2 * model.grid.stride, MAX_ASPECT, side)
         if input_size is None:
             input_size = (side, side)
         elif isinstance(input_size, int):
@@ -134,33 +144,41 @@ class CSRExplorer(widgets.VBox):
         with evaluating(model):
             self.encoding: Encoding = model.encode(model_input(image, model.config.in_channels, input_size).to(model.device))
             self.baseline: Reasoning = model.reason(self.encoding)
+        self._cells = tuple(self.encoding.similarity_maps.shape[-2:])
         self._lattice_grid, self._lattice_size = render.lattice(model.grid, self.geometry.model_size)
 
-        initial = ExplorerState(self._checked_boxes(boxes), self._checked_rejected(rejected), self._checked_alpha(alpha))
+        if concept == "auto" and "auto" not in model.concepts:
+            concept = self._default_concept()
+        render.colormap_lut(colormap)  # validates the name
+        view = self._checked_view(ViewSettings(concept, prototype, bool(smooth), colormap, float(opacity), bool(fade), "positive", target))
+        initial = ExplorerState(self._checked_boxes(boxes), self._checked_rejected(rejected), self._checked_alpha(alpha), view=view)
         self._history = History(initial, history_limit)
         self._results: OrderedDict = OrderedDict()
-        self._computed: ExplorerState | None = None
+        self._shown: ExplorerState | None = None  # the state on screen (a preview while dragging)
         self._selected: int | None = None
-        self._drag: _Drag | None = None
-        self._last_frame = 0.0
-        self._frame_pending = None
-        self._heat_key = None
-        self._boxes_key = None
-        self._syncing = False  # True while controls are set from the state (no commits)
+        self._drag: Drag | None = None
+        self._frames = FrameCoalescer(self._drag_frame, frame_interval)
+        self._pointer_inside = False
+        self._syncing = False  # True while controls are set from the state (no new states)
+        self._keys: dict[str, object] = {}  # what each layer/part shows now (nothing re-sent twice)
         self._crop_cache: dict = {}
+        self._question = None  # the "check next" Question shown, if any
+        self._question_key = None
+        self._rankings: OrderedDict = OrderedDict()  # recent rankings, by state
+        self._question_pending: asyncio.TimerHandle | None = None
         self.heatmap: np.ndarray | None = None  # the RGBA map last sent to the browser
         self._result_serial = 0
         self.reason_count = 0  # model.reason calls made by this explorer (for tests/benchmarks)
 
-        if concept == "auto" and "auto" not in model.concepts:
-            concept = self._default_concept()
-        self._build(concept, prototype, smooth, colormap, opacity, fade)
-        self._compute()
+        self._build()
+        views.follow(model, self.refresh)  # an atlas explorer pruned or refitted this model
+        self._show()
         self.redraw()
 
     # ------------------------------------------------------------------ public state
     @property
     def state(self) -> ExplorerState:
+        """Everything the user has set (boxes, rejections, alpha, answers, view)."""
         return self._history.current
 
     @property
@@ -191,6 +209,50 @@ class CSRExplorer(widgets.VBox):
         self._commit(replace(self.state, alpha=self._checked_alpha(value)))
 
     @property
+    def view(self) -> ViewSettings:
+        return self.state.view
+
+    def set_view(self, **settings) -> None:
+        """Change how the reasoning is shown (ViewSettings fields), e.g. ``set_view(colormap="magma")``."""
+        self._commit(replace(self.state, view=self._checked_view(replace(self.view, **settings))))
+
+    @property
+    def mode(self) -> str:
+        """What a mouse drag does: "positive" or "negative" (draw a box) or "select" (move)."""
+        return self.view.tool
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self.set_view(tool=value)
+
+    @property
+    def target(self) -> str:
+        """What a new box acts on: "all" concepts or the "shown" heatmap's concept."""
+        return self.view.target
+
+    @target.setter
+    def target(self, value: str) -> None:
+        self.set_view(target=value)
+
+    @property
+    def concept(self) -> str | None:
+        """The concept whose heatmap is shown (None: no heatmap)."""
+        return self.view.concept
+
+    @concept.setter
+    def concept(self, name: str | None) -> None:
+        self.set_view(concept=name)
+
+    @property
+    def prototype(self) -> int | None:
+        """The prototype whose map is shown (None: the max over the concept's M)."""
+        return self.view.prototype
+
+    @prototype.setter
+    def prototype(self, index: int | None) -> None:
+        self.set_view(prototype=index)
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the image as given."""
         return self.geometry.image_size
@@ -206,40 +268,15 @@ class CSRExplorer(widgets.VBox):
             raise IndexError(f"No box {index}: there are {len(self.state.boxes)} boxes.")
         self._selected = index
         self._draw_boxes()
+        self._sync_controls(self.state)
 
     @property
-    def mode(self) -> str:
-        """What a mouse drag does: "positive" or "negative" (draw a box) or "select" (move)."""
-        return self._mode.value
+    def frame_interval(self) -> float:
+        return self._frames.interval
 
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {value!r}.")
-        self._mode.value = value
-
-    @property
-    def concept(self) -> str | None:
-        """The concept whose heatmap is shown (None: no heatmap)."""
-        return self._concept.value or None  # the dropdown holds "" for "off"
-
-    @concept.setter
-    def concept(self, name: str | None) -> None:
-        if name is not None:
-            self.model.concept_index([name])
-        self._concept.value = name or ""
-
-    @property
-    def prototype(self) -> int | None:
-        value = self._prototype.value  # the dropdown holds -1 for "max over M"
-        return None if value < 0 else value
-
-    @prototype.setter
-    def prototype(self, index: int | None) -> None:
-        M = self.model.config.prototypes_per_concept
-        if index is not None and not 0 <= index < M:
-            raise ValueError(f"prototype must be None or in [0, {M}), got {index!r}.")
-        self._prototype.value = -1 if index is None else index
+    @frame_interval.setter
+    def frame_interval(self, seconds: float) -> None:
+        self._frames.interval = float(seconds)
 
     @property
     def can_undo(self) -> bool:
@@ -250,7 +287,7 @@ class CSRExplorer(widgets.VBox):
         return self._history.can_redo
 
     def undo(self) -> bool:
-        """Go back one change (boxes, rejections, alpha); False when there is none."""
+        """Go back one change (boxes, rejections, alpha, answers); False when there is none."""
         return self._restore(self._history.undo())
 
     def redo(self) -> bool:
@@ -270,34 +307,93 @@ class CSRExplorer(widgets.VBox):
     def refresh(self) -> None:
         """Recompute after the model itself changed (weights refitted, masks edited)."""
         self._results.clear()
-        self._computed = None
-        self._compute()
-        self._render()
+        self._rankings.clear()
+        self._shown = None
+        self._question_key = None
+        self._show()
+
+    # ------------------------------------------------------------------ check next
+    @property
+    def question(self):
+        """The "check next" Question shown (csr_widgets.model.Question), or None."""
+        if self._question_pending is not None:
+            self._update_question()
+        return self._question
+
+    def answer(self, yes: bool) -> None:
+        """Answer the "check next" question (one undoable change): a "no" rejects the
+        concept or puts a negative box for it on the cell asked about, a "yes" to a
+        location question a positive one; either way it is not asked again."""
+        question = self.question
+        if question is None:
+            raise ValueError("There is no question to answer (questions=False, or nothing left to ask).")
+        state = replace(self.state, answered=self.state.answered | {(question.kind, question.concept)})
+        if question.kind == "present" and not yes:
+            state = replace(state, rejected=state.rejected | {question.concept})
+        elif question.kind == "location":
+            box = self.geometry.box_from_model(Box(*question.region, positive=bool(yes), concept=question.concept))
+            state = replace(state, boxes=state.boxes + (box,))
+        self._commit(state)
+
+    def _schedule_question(self) -> None:
+        """Rank the questions QUESTION_DELAY after the last change, on the kernel's event
+        loop; at once where there is none (plain Python, tests)."""
+        if self._question_pending is not None:
+            self._question_pending.cancel()
+            self._question_pending = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._update_question()
+            return
+        self._question_pending = loop.call_later(QUESTION_DELAY, self._update_question)
+
+    def _update_question(self) -> None:
+        """Rank the questions about the committed state (one batched ``reason``) and show the best."""
+        if self._question_pending is not None:
+            self._question_pending.cancel()
+            self._question_pending = None
+        if not self.questions:
+            self.panel.show_question(None)
+            return
+        state = self.state
+        key = (state.reasoning_key, state.answered, self._mask_key())
+        if key == self._question_key:
+            return
+        self._question_key = key
+        if key not in self._rankings:
+            with torch.inference_mode(), single_threaded():
+                ranked = rank_questions(self.model, self.encoding, state.interaction(self.geometry.box_to_model))
+            asked = [q for q in ranked if (q.kind, q.concept) not in state.answered]
+            self._rankings[key] = asked[0] if asked else None
+            while len(self._rankings) > RESULT_CACHE:
+                self._rankings.popitem(last=False)
+        self._question = self._rankings[key]
+        probs = self._reasoning(state, quiet=True)[1].probs[0].tolist()
+        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, probs))
+        self._draw_boxes()  # the cell a location question asks about
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
-        view = {
-            "concept": self.concept,
-            "prototype": self.prototype,
-            "smooth": self._smooth.value,
-            "colormap": self._colormap.value,
-            "opacity": self._opacity.value,
-            "fade": self._fade,
-        }
-        return session_dict(self.state, self.image_size, self.model.concepts, self.model.classes, view)
+        return session_dict(self.state, self.image_size, self.model.concepts, self.model.classes)
 
     def to_json(self, **kwargs) -> str:
-        """The session (boxes, rejections, alpha, view) as JSON; ``kwargs`` go to json.dumps."""
+        """The session (boxes, rejections, alpha, answers, view) as JSON; ``kwargs`` go to json.dumps."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_json(cls, model: CSRModel, session, image, **kwargs) -> "CSRExplorer":
         """Restore a session saved with ``to_json`` (JSON text or dict) onto its image."""
         image = read_image(image)
-        state, view = parse_session(session, model.concepts, tuple(image.shape[-2:]))
-        options = {k: v for k, v in view.items() if k in ("concept", "prototype", "smooth", "colormap", "opacity", "fade")}
-        options.update(kwargs)
-        return cls(model, image, boxes=state.boxes, rejected=state.rejected, alpha=state.alpha, **options)
+        state = parse_session(session, model.concepts, tuple(image.shape[-2:]))
+        view = state.view.to_dict()
+        del view["tool"]
+        options = {**view, **kwargs}
+        explorer = cls(model, image, boxes=state.boxes, rejected=state.rejected, alpha=state.alpha, **options)
+        if state.answered:
+            explorer._history.current = replace(explorer.state, answered=state.answered)  # not an undo step
+            explorer._show()
+        return explorer
 
     # ------------------------------------------------------------------ static fallback
     def snapshot(self) -> np.ndarray:
@@ -305,30 +401,29 @@ class CSRExplorer(widgets.VBox):
         H, W = self.geometry.canvas_size
         view = display_rgba(self._image, (H, W))
         if self.heatmap is not None and self.concept is not None:
-            overlay = render.resize_rgba(self.heatmap, (H, W), smooth=self._smooth.value)
-            view = render.composite(view, overlay, self._opacity.value)
-        boxes = [(*self.geometry.box_to_canvas(b), b.positive) for b in self.state.boxes]
-        return render.draw_boxes(view, boxes, self._selected)
+            overlay = render.resize_rgba(self.heatmap, (H, W), smooth=self.view.smooth)
+            view = render.composite(view, overlay, self.view.opacity)
+        return render.draw_marks(view, self._marks())
 
     def to_png(self, caption: bool = True) -> bytes:
         """PNG of the current view, with the prediction as a caption line."""
         view = self.snapshot()
         if caption:
-            view = render.caption(view, [self._summary()])
+            view = render.caption(view, self._summary_lines())
         return render.encode_png(view)
 
-    def _summary(self) -> str:
+    def _summary_lines(self) -> list[str]:
         probs = self.result.probs[0].tolist()
         top = int(np.argmax(probs))
-        review = "needs review" if bool(self.result.needs_review[0]) else "confident"
+        verdict = charts.confidence_words(bool(self.result.needs_review[0]), bool(self.result.out_of_distribution[0]))
         heat = f"heatmap: {self.concept}" if self.concept else "no heatmap"
-        return f"{self.model.classes[top]} {probs[top]:.3f} ({review}); {len(self.state.boxes)} boxes; {heat}"
+        return [f"{self.model.classes[top]} {probs[top]:.3f} ({verdict})", f"{len(self.state.boxes)} boxes; {heat}"]
 
     def _repr_mimebundle_(self, **kwargs):
         """The live widget, plus a PNG of the current view for renderers without widgets
         (exported notebooks, GitHub, nbviewer)."""
         data = super()._repr_mimebundle_(**kwargs) or {}
-        data["text/plain"] = f"CSRExplorer: {self._summary()}"
+        data["text/plain"] = "CSRExplorer: " + "; ".join(self._summary_lines())
         data["image/png"] = base64.b64encode(self.to_png()).decode("ascii")
         return data
 
@@ -360,6 +455,15 @@ class CSRExplorer(widgets.VBox):
             raise ValueError(f"alpha must lie in [0, 1], got {value}.")
         return value
 
+    def _checked_view(self, view: ViewSettings) -> ViewSettings:
+        if view.concept is not None:
+            self.model.concept_index([view.concept])  # clear error for unknown names
+        M = self.model.config.prototypes_per_concept
+        if view.prototype is not None and not (isinstance(view.prototype, int) and 0 <= view.prototype < M):
+            raise ValueError(f"prototype must be None or in [0, {M}), got {view.prototype!r}.")
+        render.colormap_lut(view.colormap)
+        return view
+
     def _default_concept(self) -> str:
         contributions = self.baseline.contributions[0, int(self.baseline.prediction[0])]
         return self.model.concepts[int(contributions.argmax())]
@@ -378,287 +482,192 @@ class CSRExplorer(widgets.VBox):
     def _after_change(self) -> None:
         if self._selected is not None and self._selected >= len(self.state.boxes):
             self._selected = None
-        self._sync_controls()
-        self._compute()
-        self._render()
+        self._show()
 
-    def _sync_controls(self) -> None:
-        """Show the state in the controls without their observers committing it again."""
-        self._syncing = True
-        try:
-            for name, box in self._concept_boxes.items():
-                box.value = name not in self.state.rejected
-            self._alpha.value = self.alpha
-            self._undo_button.disabled = not self._history.can_undo
-            self._redo_button.disabled = not self._history.can_redo
-        finally:
-            self._syncing = False
-
-    def _compute(self) -> None:
-        """model.reason for the current state, unless it is the one already shown."""
-        state = self.state
-        if state == self._computed and self.result is not None:
-            return
-        key = (state, self.model.prototype_mask.cpu().numpy().tobytes(), self.model.concept_mask.cpu().numpy().tobytes())
-        cached = self._results.get(key)
-        if cached is None:
-            self._set_busy(True)
-            try:
-                with torch.inference_mode(), single_threaded():
-                    result = self.model.reason(self.encoding, state.interaction(self.geometry.box_to_model))
-            except Exception:
-                self._set_busy(False)  # not stuck at "computing" after an error
-                raise
-            self.reason_count += 1
-            cached = self._results[key] = (self.reason_count, result)
-            while len(self._results) > RESULT_CACHE:
-                self._results.popitem(last=False)
+    def run_action(self, action: str) -> None:
+        """Do what a key (``pointer.KEYMAP``) or a button asks: "tool:<mode>",
+        "target:<all|shown>", "delete", "undo", "redo", "cancel"."""
+        kind, _, value = action.partition(":")
+        if kind == "tool":
+            self.mode = value
+        elif kind == "target":
+            self.target = value
+        elif action == "delete":
+            self.delete_selected()
+        elif action == "undo":
+            self.undo()
+        elif action == "redo":
+            self.redo()
+        elif action == "cancel":
+            self._cancel_drag()
+            self.selected = None
         else:
+            raise ValueError(f"Unknown explorer action {action!r}.")
+
+    # ------------------------------------------------------------------ computing
+    def _mask_key(self) -> bytes:
+        return self.model.prototype_mask.cpu().numpy().tobytes() + self.model.concept_mask.cpu().numpy().tobytes()
+
+    def _reasoning(self, state: ExplorerState, quiet: bool = False) -> tuple[int, Reasoning]:
+        """(serial, model.reason) for a state, from the cache when it was computed before.
+        quiet: no busy flag (live frames while dragging)."""
+        key = (state.reasoning_key, self._mask_key())
+        cached = self._results.get(key)
+        if cached is not None:
             self._results.move_to_end(key)
-        self._computed = state
-        self._result_serial = cached[0]
-        self.set_trait("result", cached[1])
+            return cached
+        if not quiet:
+            self._set_busy(True)
+        try:
+            with torch.inference_mode(), single_threaded():
+                result = self.model.reason(self.encoding, state.interaction(self.geometry.box_to_model))
+        finally:
+            if not quiet:
+                self._set_busy(False)  # never stuck at "computing", also after an error
+        self.reason_count += 1
+        cached = self._results[key] = (self.reason_count, result)
+        while len(self._results) > RESULT_CACHE:
+            self._results.popitem(last=False)
+        return cached
+
+    def _reason(self, state: ExplorerState, quiet: bool = False) -> Reasoning:
+        """The reasoning for ``state``, made the one shown (``result``)."""
+        self._result_serial, result = self._reasoning(state, quiet)
+        self.set_trait("result", result)
+        return result
 
     def _set_busy(self, value: bool) -> None:
         self.set_trait("busy", value)
         self._busy.value = charts.busy_badge(value)
 
-    # ------------------------------------------------------------------ widgets
-    def _build(self, concept, prototype, smooth, colormap, opacity, fade) -> None:
-        H, W = self.geometry.canvas_size
-        M = self.model.config.prototypes_per_concept
-        self._fade = bool(fade)
-        self.canvas = MultiCanvas(4, width=W, height=H, layout=widgets.Layout(width=f"{W}px", height=f"{H}px"))
-        self.canvas.add_class("csr-canvas")
-        # The heatmap at model-input size, never displayed: the overlay layer scales it.
-        lh, lw = self._lattice_size
-        self._heat_source = Canvas(width=lw, height=lh, layout=widgets.Layout(display="none"))
-        self.canvas.on_mouse_down(self._on_mouse_down)
-        self.canvas.on_mouse_move(self._on_mouse_move)
-        self.canvas.on_mouse_up(self._on_mouse_up)
-        self.canvas.on_mouse_out(self._on_mouse_out)
-        self.canvas.on_key_down(self._on_key_down)
-        self.canvas.on_client_ready(self._on_client_ready)
+    # ------------------------------------------------------------------ showing
+    def _show(self, state: ExplorerState | None = None, moving: int | None = None) -> None:
+        """Bring canvas, panel and controls up to ``state`` (the committed one by default;
+        a live preview while dragging, with ``moving`` the index of the dragged box).
+        Only what changed is computed and sent."""
+        preview = state is not None
+        state = self.state if state is None else state
+        changed = state != self._shown
+        with self._layers.batch():
+            if changed:
+                self._reason(state, quiet=preview)
+            self._draw_heatmap(state.view)
+            self._draw_boxes(state, moving)
+        # The canvas message goes out before the panel's: the browser decodes the heatmap
+        # PNG while the panel's small HTML updates arrive.
+        self._layers.flush()
+        if changed:
+            self.panel.show_result(self.result, self.baseline, state.rejected, self.model.config.review_margin, self._distance_ratio())
+            self._shown = state
+        if not preview:
+            self._sync_controls(state)
+            self._update_crops()
+            self._schedule_question()
 
-        self._mode = widgets.ToggleButtons(
-            options=[("+ positive (p)", "positive"), ("\u2212 negative (n)", "negative"), ("select / move (s)", "select")],
-            value="positive",
-            tooltips=["draw a box the model should look at", "draw a box the model must ignore", "select a box, drag to move it"],
-            style=widgets.ToggleButtonsStyle(button_width="auto"),
-        )
-        self._mode.add_class("csr-mode")
-        self._delete_button = widgets.Button(description="delete", tooltip="delete the selected box (Del)", icon="trash")
-        self._clear_button = widgets.Button(description="clear", tooltip="remove all boxes")
-        self._undo_button = widgets.Button(description="undo", tooltip="undo (z)", icon="undo", disabled=True)
-        self._redo_button = widgets.Button(description="redo", tooltip="redo (y)", icon="repeat", disabled=True)
-        for button, handler in (
-            (self._delete_button, lambda _: self.delete_selected()),
-            (self._clear_button, lambda _: self.clear()),
-            (self._undo_button, lambda _: self.undo()),
-            (self._redo_button, lambda _: self.redo()),
-        ):
-            button.layout.width = "auto"
-            button.on_click(handler)
-        self._busy = widgets.HTML(charts.busy_badge(False))
-        self._busy.add_class("csr-busy-state")
-        toolbar = widgets.HBox([self._mode, self._delete_button, self._clear_button, self._undo_button, self._redo_button, self._busy])
-
-        # Sentinels "" and -1, not None: ipywidgets shows a None value as an empty selection.
-        if concept is not None:
-            self.model.concept_index([concept])
-        if prototype is not None and not (isinstance(prototype, int) and 0 <= prototype < M):
-            raise ValueError(f"prototype must be None or in [0, {M}), got {prototype!r}.")
-        self._concept = widgets.Dropdown(options=[("off", "")] + [(c, c) for c in self.model.concepts], value=concept or "", description="heatmap")
-        self._prototype = widgets.Dropdown(
-            options=[(f"max over {M}", -1)] + [(f"prototype {m}", m) for m in range(M)], value=-1 if prototype is None else prototype, description="of"
-        )
-        self._smooth = widgets.ToggleButtons(options=[("smooth", True), ("cells", False)], value=bool(smooth), style=widgets.ToggleButtonsStyle(button_width="auto"))
-        render.colormap_lut(colormap)  # validates the name
-        options = list(render.COLORMAPS) + ([colormap] if colormap not in render.COLORMAPS else [])
-        self._colormap = widgets.Dropdown(options=options, value=colormap, description="colours")
-        self._opacity = widgets.FloatSlider(value=float(opacity), min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=True)
-        self._alpha = widgets.FloatSlider(
-            value=self.alpha, min=0.0, max=1.0, step=0.05, description="alpha", continuous_update=False,
-            tooltip="importance outside positive boxes (Eq. 13)",
-        )
-        for control in (self._concept, self._prototype, self._colormap):
-            control.layout.width = "220px"
-        for control in (self._concept, self._prototype, self._smooth, self._colormap):
-            control.observe(lambda _: self._render(), names="value")
-        self._opacity.observe(lambda _: self._draw_overlay(), names="value")
-        self._alpha.observe(self._on_alpha, names="value")
-        view_controls = widgets.HBox([self._concept, self._prototype, self._smooth, self._colormap])
-        sliders = widgets.HBox([self._opacity, self._alpha])
-
-        self._prediction = widgets.HTML()
-        self._prediction.add_class("csr-prediction")
-        self._review = widgets.HTML()
-        self._review.add_class("csr-review-flag")
-        self._concept_boxes: dict[str, widgets.Checkbox] = {}
-        self._concept_cells: dict[str, widgets.HTML] = {}
-        self._concept_crops: dict[str, widgets.Image] = {}
-        rows = []
-        for name in self.model.concepts:
-            check = widgets.Checkbox(value=name not in self.state.rejected, description=name, indent=False, layout=widgets.Layout(width="150px"))
-            check.add_class("csr-concept-toggle")
-            check.observe(self._on_concept_toggle, names="value")
-            cell = widgets.HTML(layout=widgets.Layout(width="170px"))
-            row = [check, cell]
-            if self.atlas is not None:
-                crop = widgets.Image(format="png", layout=widgets.Layout(width="48px", height="48px"))
-                self._concept_crops[name] = crop
-                row.append(crop)
-            self._concept_boxes[name], self._concept_cells[name] = check, cell
-            box = widgets.HBox(row)
-            box.add_class("csr-concept-row")
-            rows.append(box)
-        heading = widgets.HTML("<b>Concepts</b> (untick to reject)" + (" &middot; atlas: this looks like that" if self.atlas is not None else ""))
-        side = widgets.VBox([self._prediction, self._review, heading, *rows], layout=widgets.Layout(margin="0 0 0 12px", min_width="340px"))
-        self.children = [toolbar, widgets.HBox([widgets.VBox([self.canvas, self._heat_source]), side]), view_controls, sliders]
-        self.add_class("csr-explorer")
-
-    # ------------------------------------------------------------------ drawing
-    @contextmanager
-    def _batch(self):
-        """Send the canvas commands drawn inside as one message, like ``hold_canvas``, but
-        re-entrant (a nested hold_canvas flushes early: the browser would show half-drawn
-        frames) and safe on errors (hold_canvas leaves caching on after an exception, and
-        every later drawing would then wait forever)."""
-        manager = self._heat_source._canvas_manager
-        if manager._caching:  # inside an outer batch (ours or the user's hold_canvas)
-            yield
-            return
-        manager._caching = True
-        try:
-            yield
-        finally:
-            manager.flush()  # sends what was drawn, even after an error, so the view stays whole
-            manager._caching = False
+    def _distance_ratio(self) -> float | None:
+        """The image's feature distance as a multiple of the novelty threshold."""
+        distance = self.encoding.feature_distance
+        threshold = float(self.model.novelty.threshold) if hasattr(self.model, "novelty") else float("inf")
+        if distance is None or not np.isfinite(threshold) or threshold <= 0:
+            return None
+        return float(distance[0]) / threshold
 
     def redraw(self) -> None:
         """Send everything again: the image, the heatmap, the boxes (e.g. for a new client)."""
         H, W = self.geometry.canvas_size
-        with self._batch():
-            self.canvas[IMAGE].clear()
-            put_rgba(self.canvas[IMAGE], display_rgba(self._image, (H, W)))
-            self._heat_key = self._boxes_key = None
-            self._render()
-            self.canvas[INTERACTION].clear()
-
-    def _render(self) -> None:
-        """Bring heatmap, boxes and side panel up to date; send only what changed."""
-        if self.result is None:
-            return
-        with self._batch():
-            self._draw_heatmap()
+        with self._layers.batch():
+            self._layers.show_image(display_rgba(self._image, (H, W)))
+            self._keys.clear()
+            self._draw_heatmap(self._shown.view if self._shown is not None else self.view)
             self._draw_boxes()
-        # The canvas message goes out before the panel's: the browser decodes the heatmap
-        # PNG while the panel's small HTML updates arrive (even inside an outer batch).
-        self._heat_source._canvas_manager.flush()
-        self._update_panel()
-        if self.busy:
-            self._set_busy(False)
 
-    def _heatmap_rgba(self) -> np.ndarray:
-        k = self.model.concepts.index(self.concept)
+    def _heatmap_rgba(self, view: ViewSettings) -> np.ndarray:
+        k = self.model.concepts.index(view.concept)
         with torch.inference_mode(), single_threaded():
-            cells = render.select_map(self.result.similarity_maps[0], k, self.prototype)
-            # One colour scale before and after interacting: the uninteracted map's maximum.
-            vmax = float(np.maximum(render.select_map(self.baseline.similarity_maps[0], k, self.prototype), 0).max())
+            cells = render.select_map(self.result.similarity_maps[0], k, view.prototype)
             return render.heatmap_rgba(
-                cells, self._lattice_grid, self._lattice_size, smooth=self._smooth.value,
-                colormap=self._colormap.value, vmax=vmax if vmax > 0 else None, fade=self._fade,
+                cells, self._lattice_grid, self._lattice_size, smooth=view.smooth,
+                colormap=view.colormap, vmax=self._vmax(view), fade=view.fade,
             )
 
-    def _draw_heatmap(self) -> None:
-        key = (self._result_serial, self.concept, self.prototype, self._smooth.value, self._colormap.value)
-        if key == self._heat_key:
+    def _vmax(self, view: ViewSettings) -> float | None:
+        """One colour scale before and after interacting: the uninteracted map's maximum."""
+        k = self.model.concepts.index(view.concept)
+        vmax = float(np.maximum(render.select_map(self.baseline.similarity_maps[0], k, view.prototype), 0).max())
+        return vmax if vmax > 0 else None
+
+    def _draw_heatmap(self, view: ViewSettings) -> None:
+        key = (self._result_serial, view.concept, view.prototype, view.smooth, view.colormap, view.fade)
+        if key != self._keys.get("heatmap"):
+            self._keys["heatmap"] = key
+            self.heatmap = None if view.concept is None else self._heatmap_rgba(view)
+            self._layers.send_heatmap(self.heatmap)
+            self.panel.show_colour_bar("" if view.concept is None else charts.colour_bar(
+                render.colormap_lut(view.colormap), self._vmax(view) or 0.0, view.concept, view.prototype,
+                self.model.config.prototypes_per_concept, view.fade))
+        overlay = (key, view.opacity)
+        if overlay != self._keys.get("overlay"):
+            self._keys["overlay"] = overlay
+            self._layers.show_heatmap(self.heatmap is not None, view.opacity, view.smooth)
+
+    def _marks(self, state: ExplorerState | None = None, moving: int | None = None):
+        state = self.state if state is None else state
+        return box_marks(state.boxes, self.geometry, self.model.grid, self._cells, self._selected, skip=moving)
+
+    def _question_rect(self):
+        q = self._question
+        if q is None or q.kind != "location" or self._drag is not None:
+            return None
+        return self.geometry.box_to_canvas(self.geometry.box_from_model(Box(*q.region)))
+
+    def _draw_boxes(self, state: ExplorerState | None = None, moving: int | None = None) -> None:
+        """Committed boxes on their layer; during a drag the dragged box on the top layer."""
+        state = self.state if state is None else state
+        dragged = self._drag is not None
+        committed = self.state.boxes if dragged else state.boxes
+        question = self._question_rect()
+        key = (committed, self._selected, moving, question)
+        if key != self._keys.get("boxes"):
+            self._keys["boxes"] = key
+            marks = box_marks(committed, self.geometry, self.model.grid, self._cells, self._selected, skip=moving)
+            self._layers.draw_marks(BOXES, marks, question)
+        live = None
+        if dragged and len(state.boxes) > 0 and (moving is not None or state.boxes != committed):
+            index = moving if moving is not None else len(state.boxes) - 1
+            live = box_marks(state.boxes[index:index + 1], self.geometry, self.model.grid, self._cells, preview=0)
+        if live != self._keys.get("live"):
+            self._keys["live"] = live
+            self._layers.draw_marks(INTERACTION, live or [])
+
+    def _sync_controls(self, state: ExplorerState) -> None:
+        """Show the state in the controls without their observers making a new state."""
+        view = state.view
+        self._syncing = True
+        try:
+            self.panel.show_rejected(state.rejected)
+            self._alpha.value = self.model.config.alpha if state.alpha is None else state.alpha
+            self._mode.value = view.tool
+            options = self._target_options(view.concept)
+            if list(self._target.options) != options:
+                self._target.options = options
+            self._target.value = view.target
+            self._concept.value = view.concept or ""  # the dropdown holds "" for "off"
+            self._prototype.value = -1 if view.prototype is None else view.prototype  # -1: "max over M"
+            self._smooth.value = view.smooth
+            self._colormap.value = view.colormap
+            self._opacity.value = view.opacity
+            self._undo_button.disabled = not self._history.can_undo
+            self._redo_button.disabled = not self._history.can_redo
+            self._delete_button.disabled = self._selected is None
+        finally:
+            self._syncing = False
+
+    def _update_crops(self) -> None:
+        if self.atlas is None:
             return
-        self._heat_key = key
-        if self.concept is None:
-            self.heatmap = None
-        else:
-            self.heatmap = self._heatmap_rgba()
-            # ipycanvas's putImageData draws the PNG over what is there (drawImage), and a
-            # semi-transparent map over the previous one would add up: clear first.
-            self._heat_source.clear()
-            put_rgba(self._heat_source, self.heatmap)
-        self._draw_overlay()
-
-    def _draw_overlay(self) -> None:
-        layer = self.canvas[HEATMAP]
-        H, W = self.geometry.canvas_size
-        with self._batch():
-            layer.clear()
-            if self.heatmap is not None:
-                layer.global_alpha = self._opacity.value
-                layer.image_smoothing_enabled = bool(self._smooth.value)
-                layer.draw_image(self._heat_source, 0, 0, W, H)
-
-    def _draw_boxes(self) -> None:
-        key = (self.state.boxes, self._selected)
-        if key == self._boxes_key:
-            return
-        self._boxes_key = key
-        layer = self.canvas[BOXES]
-        with self._batch():
-            layer.clear()
-            for index, box in enumerate(self.state.boxes):
-                self._stroke_box(layer, self.geometry.box_to_canvas(box), box.positive, index == self._selected)
-
-    @staticmethod
-    def _stroke_box(layer, rect, positive: bool, selected: bool = False, preview: bool = False) -> None:
-        x0, y0, x1, y1 = rect
-        color = render.POSITIVE_COLOR if positive else render.NEGATIVE_COLOR
-        if selected:  # a light halo under the box marks the selection
-            layer.line_width = 6
-            layer.stroke_style = render.SELECTED_COLOR
-            layer.set_line_dash([])
-            layer.stroke_rect(x0, y0, x1 - x0, y1 - y0)
-        layer.line_width = 2
-        layer.stroke_style = color
-        # Negative boxes are dashed, so the kind never relies on colour alone.
-        layer.set_line_dash([4, 3] if preview else ([] if positive else [8, 4]))
-        layer.stroke_rect(x0, y0, x1 - x0, y1 - y0)
-        layer.fill_style = color
-        layer.font = "bold 14px sans-serif"
-        layer.fill_text("+" if positive else "\u2212", x0 + 3, y0 + 14)
-
-    def _draw_interaction(self) -> None:
-        """The rubber band or the box being moved, on the top layer only."""
-        self._last_frame = time.perf_counter()
-        layer = self.canvas[INTERACTION]
-        with self._batch():
-            layer.clear()
-            drag = self._drag
-            if drag is None:
-                return
-            if drag.kind == "draw":
-                (x0, y0), (x1, y1) = drag.start, drag.current
-                rect = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-                self._stroke_box(layer, rect, self.mode != "negative", preview=True)
-            else:
-                box = self._moved_box(drag)
-                self._stroke_box(layer, self.geometry.box_to_canvas(box), box.positive, selected=True, preview=True)
-
-    def _update_panel(self) -> None:
-        result = self.result
-        probs = result.probs[0].tolist()
-        predicted = int(np.argmax(probs))
-        self._prediction.value = charts.prediction_chart(self.model.classes, self.baseline.probs[0].tolist(), probs, predicted)
-        self._review.value = charts.review_flag(probs, self.model.config.review_margin, bool(result.needs_review[0]))
-        scores = result.scores[0].amax(-1).tolist()  # (K,) best prototype per concept
-        contributions = result.contributions[0, predicted].tolist()
-        scale = max(1e-6, max(abs(c) for c in contributions))
-        class_name = self.model.classes[predicted]
+        best = self.result.scores[0].argmax(-1).tolist()
         for k, name in enumerate(self.model.concepts):
-            self._concept_cells[name].value = charts.concept_cell(scores[k], contributions[k], scale, name in self.state.rejected, class_name)
-        if self.atlas is not None:
-            best = result.scores[0].argmax(-1).tolist()
-            for k, name in enumerate(self.model.concepts):
-                png = self._crop_png(k, best[k])
-                if png is not None and self._concept_crops[name].value != png:
-                    self._concept_crops[name].value = png
+            self.panel.show_crop(name, self._crop_png(k, best[k]))
 
     def _crop_png(self, k: int, m: int) -> bytes | None:
         from ..evaluation.atlas import atlas_entry  # on first use: evaluation brings pandas, scikit-learn
@@ -668,126 +677,181 @@ class CSRExplorer(widgets.VBox):
             self._crop_cache[(k, m)] = None if entry is None else render.encode_png(render.crop_rgba(entry.crop))
         return self._crop_cache[(k, m)]
 
+    # ------------------------------------------------------------------ widgets
+    def _build(self) -> None:
+        H, W = self.geometry.canvas_size
+        M = self.model.config.prototypes_per_concept
+        self._layers = CanvasLayers((H, W), self._lattice_size)
+        self.canvas = self._layers.canvas
+        self.canvas.on_mouse_down(self._on_mouse_down)
+        self.canvas.on_mouse_move(self._on_mouse_move)
+        self.canvas.on_mouse_up(self._on_mouse_up)
+        self.canvas.on_mouse_out(self._on_mouse_out)
+        self.canvas.on_key_down(self._on_key_down)
+        self.canvas.on_client_ready(self._on_client_ready)
+
+        def toggles(options, action_prefix, **kwargs):
+            control = widgets.ToggleButtons(options=options, style=widgets.ToggleButtonsStyle(button_width="auto"), **kwargs)
+            control.tooltips = [tooltip(f"{action_prefix}:{value}") for _, value in options]
+            return control
+
+        self._mode = toggles([("+ look here (p)", "positive"), ("\u2212 not here (n)", "negative"), ("select / move (s)", "select")], "tool")
+        self._mode.add_class("csr-mode")
+        self._target = toggles(self._target_options(self.view.concept), "target")
+        self._target.add_class("csr-target")
+        self._delete_button = widgets.Button(description="delete", tooltip=tooltip("delete"), icon="trash")
+        self._clear_button = widgets.Button(description="clear", tooltip="remove all boxes (undo brings them back)")
+        self._undo_button = widgets.Button(description="undo", tooltip=tooltip("undo"), icon="undo")
+        self._redo_button = widgets.Button(description="redo", tooltip=tooltip("redo"), icon="repeat")
+        for button, handler in (
+            (self._delete_button, self.delete_selected),
+            (self._clear_button, self.clear),
+            (self._undo_button, self.undo),
+            (self._redo_button, self.redo),
+        ):
+            button.layout.width = "auto"
+            button.on_click(lambda _, handler=handler: handler())
+        self._busy = widgets.HTML(charts.busy_badge(False))
+        self._busy.add_class("csr-busy-state")
+        # groups, so that a narrow toolbar wraps between them, never inside one
+        groups = [
+            self._mode,
+            widgets.HBox([widgets.HTML("new boxes act on:"), self._target]),
+            widgets.HBox([self._delete_button, self._clear_button, self._undo_button, self._redo_button, self._busy]),
+        ]
+        for group in groups[1:]:
+            group.add_class("csr-toolbar-group")
+        toolbar = widgets.HBox(groups)
+        toolbar.add_class("csr-toolbar")
+
+        # Sentinels "" and -1, not None: ipywidgets shows a None value as an empty selection.
+        self._concept = widgets.Dropdown(options=[("off", "")] + [(c, c) for c in self.model.concepts], description="heatmap")
+        self._prototype = widgets.Dropdown(options=[(f"max over {M}", -1)] + [(f"prototype {m}", m) for m in range(M)], description="of")
+        self._smooth = widgets.ToggleButtons(options=[("smooth", True), ("cells", False)], style=widgets.ToggleButtonsStyle(button_width="auto"),
+                                             tooltips=["bilinear between cell centres", "the feature cells as blocks"])
+        colormaps = list(render.COLORMAPS) + ([self.view.colormap] if self.view.colormap not in render.COLORMAPS else [])
+        self._colormap = widgets.Dropdown(options=colormaps, description="colours")
+        self._opacity = widgets.FloatSlider(min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=True)
+        self._alpha = widgets.FloatSlider(
+            min=0.0, max=1.0, step=0.05, description="alpha", continuous_update=False,
+            tooltip="alpha (Eq. 13): how much regions outside positive boxes still count; 0 ignores them, 1 counts them fully",
+        )
+        for control in (self._concept, self._prototype, self._colormap):
+            control.layout.width = "auto"
+            control.style.description_width = "initial"
+        for control, setting, read in (
+            (self._concept, "concept", lambda v: v or None),
+            (self._prototype, "prototype", lambda v: None if v < 0 else v),
+            (self._smooth, "smooth", bool),
+            (self._colormap, "colormap", str),
+            (self._opacity, "opacity", float),
+            (self._mode, "tool", str),
+            (self._target, "target", str),
+        ):
+            control.observe(lambda change, setting=setting, read=read: self._on_view_control(setting, read(change["new"])), names="value")
+        self._alpha.observe(self._on_alpha, names="value")
+        view_controls = widgets.HBox([self._concept, self._prototype, self._smooth, self._colormap, self._opacity, self._alpha])
+        view_controls.add_class("csr-view-controls")
+
+        self.panel = SidePanel(self.model.concepts, self.model.classes, crops=self.atlas is not None,
+                               on_toggle=self._on_concept_toggle, on_answer=self.answer)
+        self.panel.layout = widgets.Layout(flex="1 1 300px", max_width="480px")
+        hint = widgets.HTML(
+            f'<div class="csr-hint"><span class="csr-keys-on">&#9679; keys active &middot; </span>'
+            f'<span class="csr-keys-off">Point at the image to use keys. </span>{hint_line(html=True)}</div>'
+        )
+        image_column = widgets.VBox([self.canvas, self._layers.heat_source, self.panel.colour_bar, hint],
+                                    layout=widgets.Layout(flex=f"0 1 {W}px", max_width="100%"))
+        image_column.add_class("csr-view")
+        main = widgets.HBox([image_column, self.panel])
+        main.add_class("csr-main")
+        self.children = [style_widget(), toolbar, main, view_controls]
+        self.add_class("csr-explorer")
+
+    def _target_options(self, concept: str | None) -> list[tuple[str, str]]:
+        shown = f"{concept} only (c)" if concept else "the heatmap's concept (c)"
+        return [("all concepts (a)", "all"), (shown, "shown")]
+
+    def _focus(self) -> None:
+        """Give the image the key focus. The page script (page.py) does it in the browser;
+        this kernel-side fallback covers front ends where that script cannot run."""
+        self.canvas.focus()
+
     # ------------------------------------------------------------------ events
     def _on_client_ready(self) -> None:
-        # A new page (reload, Voila) has empty canvases. ipycanvas 0.14.x remembers which
-        # canvas its manager last drew on and skips the "switch canvas" command when it is
-        # the same; the new page's manager has no current canvas, so reset that memory first.
-        self.canvas[INTERACTION]._canvas_manager._current_canvas = None
+        self._layers.forget_client()
         self.redraw()
 
-    def _on_concept_toggle(self, change) -> None:
-        if self._syncing:
-            return
-        names = set(self.state.rejected)
-        name = change["owner"].description
-        if change["new"]:
-            names.discard(name)
-        else:
-            names.add(name)
-        self.rejected = names
+    def _on_view_control(self, setting: str, value) -> None:
+        if not self._syncing:
+            self.set_view(**{setting: value})
+
+    def _on_concept_toggle(self, name: str, kept: bool) -> None:
+        self.rejected = (self.state.rejected - {name}) if kept else (self.state.rejected | {name})
 
     def _on_alpha(self, change) -> None:
         if not self._syncing:
             self.alpha = change["new"]
 
-    def _box_at(self, x: float, y: float) -> int | None:
-        """The topmost box containing a canvas point."""
-        for index in range(len(self.state.boxes) - 1, -1, -1):
-            x0, y0, x1, y1 = self.geometry.box_to_canvas(self.state.boxes[index])
-            if x0 <= x <= x1 and y0 <= y <= y1:
-                return index
-        return None
-
     def _on_mouse_down(self, x: float, y: float) -> None:
-        hit = self._box_at(x, y)
+        hit = box_at(self.state.boxes, self.geometry, x, y)
         if self.mode == "select":
             self._selected = hit
-            self._drag = _Drag("move", (x, y), (x, y), hit) if hit is not None else None
+            self._drag = Drag("move", (x, y), (x, y), hit) if hit is not None else None
+            self._sync_controls(self.state)
             self._draw_boxes()
         else:
-            self._drag = _Drag("draw", (x, y), (x, y))
+            self._drag = Drag("draw", (x, y), (x, y))
 
     def _on_mouse_move(self, x: float, y: float) -> None:
-        drag = self._drag
-        if drag is None:
+        if not self._pointer_inside:  # the pointer entered the image: keys go to it
+            self._pointer_inside = True
+            self._focus()
+        if self._drag is None:
             return  # hovering: nothing to do, nothing sent
-        drag.current = (x, y)
-        if time.perf_counter() - self._last_frame >= self.frame_interval:
-            self._draw_interaction()
-        else:
-            self._schedule_frame()
+        self._drag = self._drag.to(x, y)
+        self._frames.request()
 
-    def _schedule_frame(self) -> None:
-        """One trailing rubber-band frame on the kernel's event loop, if there is one."""
-        if self._frame_pending is not None:
+    def _drag_boxes(self, drag: Drag):
+        return drag_boxes(self.state.boxes, drag, self.geometry, self.mode != "negative", self.view.box_concept)
+
+    def _drag_frame(self) -> None:
+        """One live frame: the model's answer as if the mouse were released now."""
+        if self._drag is None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (plain Python): the next event or the mouse-up draws it
-        delay = max(0.0, self.frame_interval - (time.perf_counter() - self._last_frame))
-        self._frame_pending = loop.call_later(delay, self._trailing_frame)
-
-    def _trailing_frame(self) -> None:
-        self._frame_pending = None
-        if self._drag is not None:
-            self._draw_interaction()
+        boxes, index = self._drag_boxes(self._drag)
+        self._show(replace(self.state, boxes=boxes), moving=index if self._drag.kind == "move" else None)
 
     def _on_mouse_up(self, x: float, y: float) -> None:
         if self._drag is None:
             return
-        with self._batch():  # rubber band gone, new heatmap and boxes: one message
-            self._finish_drag(x, y)
-
-    def _finish_drag(self, x: float, y: float) -> None:
-        drag, self._drag = self._drag, None
-        drag.current = (x, y)
-        self.canvas[INTERACTION].clear()
-        (x0, y0), (x1, y1) = drag.start, drag.current
-        if drag.kind == "move":
-            if max(abs(x1 - x0), abs(y1 - y0)) >= 1.0:
-                boxes = self.boxes
-                boxes[drag.index] = self._moved_box(drag)
-                self.boxes = boxes
-            return
-        if abs(x1 - x0) < MIN_DRAG or abs(y1 - y0) < MIN_DRAG:  # a click: select what is under it
-            self.selected = self._box_at(x1, y1)
-            return
-        box = self.geometry.box_from_canvas(x0, y0, x1, y1, positive=self.mode != "negative")
-        if box is not None:
-            self._selected = None
-            self.boxes = self.boxes + [box]
+        self._frames.cancel()
+        drag = self._drag.to(x, y)
+        boxes, index = self._drag_boxes(drag)
+        self._drag = None
+        with self._layers.batch():  # the live box gone, the exact new state drawn: one message
+            if drag.kind == "draw" and index is None:
+                self._selected = box_at(self.state.boxes, self.geometry, x, y)  # a click selects
+            elif drag.kind == "draw":
+                self._selected = None
+            self._commit(replace(self.state, boxes=boxes))
+            self._show()  # also when nothing changed: the live preview is replaced
 
     def _on_mouse_out(self, x: float, y: float) -> None:
+        self._pointer_inside = False
         # The mouse-up may happen outside the canvas, where it is never reported: finish
         # the drag at the last position seen inside.
         if self._drag is not None:
             self._on_mouse_up(*self._drag.current)
 
-    def _moved_box(self, drag: _Drag) -> Box:
-        """The dragged box shifted by the drag, in whole image pixels, kept inside the image."""
-        box = self.state.boxes[drag.index]
-        (ax, ay), (bx, by) = self.geometry.canvas_to_image(*drag.start), self.geometry.canvas_to_image(*drag.current)
-        H, W = self.geometry.image_size
-        dx = min(max(round(bx - ax), -box.x0), W - box.x1)
-        dy = min(max(round(by - ay), -box.y0), H - box.y1)
-        return replace(box, x0=box.x0 + dx, y0=box.y0 + dy, x1=box.x1 + dx, y1=box.y1 + dy)
+    def _cancel_drag(self) -> None:
+        if self._drag is not None:
+            self._drag = None
+            self._frames.cancel()
+            self._show()
 
     def _on_key_down(self, key: str, shift: bool, ctrl: bool, meta: bool) -> None:
-        command = ctrl or meta
-        lowered = key.lower()
-        if lowered == "z" and not shift:
-            self.undo()
-        elif lowered == "y" or (lowered == "z" and shift):
-            self.redo()
-        elif command:
-            return  # leave other shortcuts to the browser
-        elif lowered in ("p", "n", "s"):
-            self.mode = {"p": "positive", "n": "negative", "s": "select"}[lowered]
-        elif key in ("Delete", "Backspace"):
-            self.delete_selected()
-        elif key == "Escape":
-            self._drag = None
-            self.canvas[INTERACTION].clear()
-            self.selected = None
+        action = action_for(key, shift, ctrl, meta)
+        if action is not None:
+            self.run_action(action)
+

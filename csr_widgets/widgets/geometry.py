@@ -58,7 +58,12 @@ class ViewGeometry:
     def box_to_model(self, box: Box) -> Box:
         """An image-pixel box on the model input (the mapping the model reasons with)."""
         (x0, y0), (x1, y1) = (self._map(x, y, self.image_size, self.model_size) for x, y in ((box.x0, box.y0), (box.x1, box.y1)))
-        return replace(box, x0=x0, y0=y0, x1=x1, y1=y1)
+        return replace(box, x0=_snap(x0), y0=_snap(y0), x1=_snap(x1), y1=_snap(y1))
+
+    def box_from_model(self, box: Box) -> Box:
+        """A model-input box in image pixels (exact: ``box_to_model`` gives it back)."""
+        (x0, y0), (x1, y1) = (self._map(x, y, self.model_size, self.image_size) for x, y in ((box.x0, box.y0), (box.x1, box.y1)))
+        return replace(box, x0=_snap(x0), y0=_snap(y0), x1=_snap(x1), y1=_snap(y1))
 
     def box_to_canvas(self, box: Box) -> tuple[float, float, float, float]:
         (x0, y0), (x1, y1) = self.image_to_canvas(box.x0, box.y0), self.image_to_canvas(box.x1, box.y1)
@@ -74,6 +79,14 @@ class ViewGeometry:
         if right <= left or bottom <= top:
             return None
         return Box(left, top, right, bottom, positive, concept)
+
+
+def _snap(v: float) -> float:
+    """A value within float rounding of a whole pixel edge is that edge: a box mapped
+    there and back must touch the same feature cells (a cell border at 12 read as
+    12.000000000000002 would make the box touch the next cell too)."""
+    nearest = round(v)
+    return float(nearest) if abs(v - nearest) < 1e-9 else v
 
 
 def _floor(v: float) -> int:

@@ -26,6 +26,28 @@ def read_image(source) -> torch.Tensor:
     return image.float().clamp(0, 1)
 
 
+def check_size(image: torch.Tensor, minimum: int, max_aspect: float, trained: int) -> None:
+    """Refuse, with the fix, an image the model cannot read sensibly. The explorer resizes
+    every image to the model's input size, so the image as given is what is checked: a
+    1 x 1 image would become a flat grey square and a 20000 x 20 strip a smear, and the
+    model would answer both with confidence.
+
+    minimum: the backbone's smallest side (pixels); max_aspect: longer over shorter side;
+    trained: the side the model was trained on (named in the messages).
+    """
+    H, W = image.shape[-2:]
+    if max(H, W) > max_aspect * min(H, W):
+        raise ValueError(
+            f"The image is {W}x{H} px: an aspect ratio beyond {max_aspect:g}:1, unlike any radiograph. "
+            f"Crop the region of interest (the model was trained on {trained}x{trained} images)."
+        )
+    if min(H, W) < minimum:
+        raise ValueError(
+            f"The image is {W}x{H} px, smaller than this model's minimum of {minimum} px a side: there is "
+            f"nothing to see in it. Give the original image (the model was trained on {trained}x{trained})."
+        )
+
+
 def model_input(image: torch.Tensor, in_channels: int, size: tuple[int, int]) -> torch.Tensor:
     """(C, H, W) in [0, 1] -> (1, in_channels, *size), exactly as the data pipeline
     prepares training images (``to_channels``, ``resize_image``: bilinear, antialiased,

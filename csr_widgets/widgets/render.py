@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..model import FeatureGrid
+from .overlay import label_position
 
 DEFAULT_COLORMAP = "viridis"  # perceptually uniform and colour-blind safe
 COLORMAPS = ("viridis", "cividis", "magma", "inferno", "plasma")
@@ -28,6 +29,12 @@ COLORMAPS = ("viridis", "cividis", "magma", "inferno", "plasma")
 POSITIVE_COLOR = "#0072B2"
 NEGATIVE_COLOR = "#D55E00"
 SELECTED_COLOR = "#F0E442"
+POSITIVE_RGB = (0x00, 0x72, 0xB2)
+NEGATIVE_RGB = (0xD5, 0x5E, 0x00)
+# The cells a box acts on are shaded faintly under it: enough to see which cells, not so
+# much that the heatmap under them is hidden.
+CELL_FILL_ALPHA = 0.12
+CELL_EDGE_ALPHA = 0.45
 # Heatmap pixels a side. Maps are linear between 16-28 cells a side, so 2-4 lattice pixels
 # per cell, scaled (bilinearly) by the browser, look the same as more; PNG encoding time
 # grows with the pixel count and is most of the kernel's cost of an update.
@@ -174,15 +181,26 @@ def resize_rgba(rgba: np.ndarray, size: tuple[int, int], smooth: bool = True) ->
     return np.asarray(Image.fromarray(rgba, "RGBA").resize((size[1], size[0]), resample))
 
 
-def draw_boxes(rgba: np.ndarray, boxes: list[tuple[float, float, float, float, bool]], selected: int | None = None, width: int = 2) -> np.ndarray:
-    """Draw canvas-pixel boxes (x0, y0, x1, y1, positive) onto a copy of an RGBA image."""
+def draw_marks(rgba: np.ndarray, marks, width: int = 2) -> np.ndarray:
+    """Draw box marks (overlay.BoxMark: outline, label, cells) onto a copy of an RGBA image,
+    as the explorer's canvas shows them, for static snapshots."""
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(np.ascontiguousarray(rgba), "RGBA")
+    shade = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    cells = ImageDraw.Draw(shade)
+    for mark in marks:
+        if mark.footprint is not None:
+            rgb = POSITIVE_RGB if mark.positive else NEGATIVE_RGB
+            x0, y0, x1, y1 = mark.footprint.rect
+            cells.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(*rgb, round(255 * CELL_FILL_ALPHA)),
+                            outline=(*rgb, round(255 * CELL_EDGE_ALPHA)))
+    image = Image.alpha_composite(image, shade)
     draw = ImageDraw.Draw(image)
-    for index, (x0, y0, x1, y1, positive) in enumerate(boxes):
-        color = SELECTED_COLOR if index == selected else (POSITIVE_COLOR if positive else NEGATIVE_COLOR)
-        if positive:
+    for mark in marks:
+        x0, y0, x1, y1 = mark.rect
+        color = SELECTED_COLOR if mark.selected else (POSITIVE_COLOR if mark.positive else NEGATIVE_COLOR)
+        if mark.positive:
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
         else:  # dashed, like on the canvas
             for a, b in _dashes(x0, x1 - 1):
@@ -191,6 +209,7 @@ def draw_boxes(rgba: np.ndarray, boxes: list[tuple[float, float, float, float, b
             for a, b in _dashes(y0, y1 - 1):
                 draw.line([(x0, a), (x0, b)], fill=color, width=width)
                 draw.line([(x1 - 1, a), (x1 - 1, b)], fill=color, width=width)
+        draw.text((x0 + 3, max(0, y0 - 12) if y0 >= 12 else y0 + 2), mark.label.replace("−", "-"), fill=color)
     return np.asarray(image)
 
 

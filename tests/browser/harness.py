@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ARTIFACTS = HERE.parents[1] / "test-artifacts"  # gitignored
+REPO = HERE.parents[1]
+ARTIFACTS = REPO / "test-artifacts"  # gitignored
 NOTEBOOK = HERE / "explorer.ipynb"
 SCENE = HERE / "scene.py"
 CHROMIUM_FLAGS = [
@@ -77,7 +78,12 @@ def _environment(base: Path, nodelay: bool) -> dict:
     settings.mkdir(parents=True, exist_ok=True)
     # no news or update checks: no network, and no toast over the notebook
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # The kernel (and the server extension) import the package of this checkout, not
+    # whichever copy is installed: the kernel runs in the server's root folder, where the
+    # current directory does not put the checkout on sys.path.
+    paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env.update(
+        PYTHONPATH=os.pathsep.join(paths),
         JUPYTER_CONFIG_DIR=str(config),
         JUPYTER_RUNTIME_DIR=str(base / "runtime"),
         JUPYTER_DATA_DIR=str(base / "data"),  # e.g. the notebook-signing key, not in ~/.local
@@ -142,16 +148,16 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 @contextmanager
-def jupyter_lab(root: Path, *, nodelay: bool = True):
-    """JupyterLab 4 serving ``root`` on 127.0.0.1; yields (base URL, token, log path)."""
-    base = Path(tempfile.mkdtemp(prefix="csr-lab-"))
+def _jupyter(module: str, app: str, root: Path, nodelay: bool):
+    """A Jupyter front end (``python -m <module>``) serving ``root`` on 127.0.0.1."""
+    base = Path(tempfile.mkdtemp(prefix=f"csr-{module}-"))
     port, token = free_port(), secrets.token_hex(16)
     command = [
-        sys.executable, "-m", "jupyterlab", "--no-browser",
+        sys.executable, "-m", module, "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run cells as the menu does
-        "--LabApp.extension_manager=readonly",  # no PyPI queries
+        f"--{app}.expose_app_in_browser=True",  # window.jupyterapp: run cells as the menu does
+        *([f"--{app}.extension_manager=readonly"] if app == "LabApp" else []),  # no PyPI queries
         "--ServerApp.allow_root=True",  # CI containers run as root
         "--ServerApp.shutdown_no_activity_timeout=600",
     ]
@@ -162,6 +168,20 @@ def jupyter_lab(root: Path, *, nodelay: bool = True):
             yield url, token, log
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def jupyter_lab(root: Path, *, nodelay: bool = True):
+    """JupyterLab 4 serving ``root`` on 127.0.0.1; yields (base URL, token, log path)."""
+    with _jupyter("jupyterlab", "LabApp", root, nodelay) as served:
+        yield served
+
+
+@contextmanager
+def notebook7(root: Path, *, nodelay: bool = True):
+    """Jupyter Notebook 7 serving ``root`` on 127.0.0.1; yields (base URL, token, log path)."""
+    with _jupyter("notebook", "JupyterNotebookApp", root, nodelay) as served:
+        yield served
 
 
 @contextmanager
@@ -215,9 +235,11 @@ RUN_ALL = """async () => {
 }"""
 
 
-def open_notebook_in_lab(page, url: str, token: str, name: str, timeout: float = 120_000) -> None:
-    """Open a notebook in JupyterLab and run all its cells (the "Run All" command)."""
-    page.goto(f"{url}/lab/tree/{name}?token={token}", timeout=timeout)
+def open_notebook_in_lab(page, url: str, token: str, name: str, timeout: float = 120_000, front_end: str = "lab") -> None:
+    """Open a notebook in JupyterLab (or Notebook 7: front_end="notebook") and run all its
+    cells (the "Run All" command)."""
+    path = f"lab/tree/{name}" if front_end == "lab" else f"notebooks/{name}"
+    page.goto(f"{url}/{path}?token={token}", timeout=timeout)
     page.wait_for_function(
         "() => window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext",
         timeout=timeout,

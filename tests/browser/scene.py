@@ -45,7 +45,28 @@ def build_image(height: int = 200, width: int = 300) -> np.ndarray:
 
 
 def build_explorer(**kwargs) -> CSRExplorer:
-    return CSRExplorer(build_model(), build_image(), concept="nodule", display_size=480, **kwargs)
+    ex = CSRExplorer(build_model(), build_image(), concept="nodule", display_size=480, **kwargs)
+    ex.add_class("csr-test-main")  # the explorer the tests drive (the page has two)
+    return ex
+
+
+def build_ood_explorer() -> CSRExplorer:
+    """The bundled model on a real PA chest film (pydicom's test data, when installed) or
+    else on a colour gradient: both lie far beyond its training images."""
+    from csr_widgets import load_pretrained
+
+    try:
+        from pydicom.data import get_testdata_file
+
+        image = get_testdata_file("RG1_UNCR.dcm", download=False)
+    except ImportError:
+        image = None
+    if image is None:
+        y, x = np.mgrid[0:200, 0:300]
+        image = np.stack([x / 300, y / 200, 1 - x / 300], axis=-1).astype(np.float32)
+    ex = CSRExplorer(load_pretrained("synthetic-cxr", device="cpu"), image, display_size=320)
+    ex.add_class("csr-test-ood")
+    return ex
 
 
 def strongest_region(ex: CSRExplorer, concept: str = "nodule", cells: float = 1.5) -> dict:
@@ -70,29 +91,51 @@ def describe(ex: CSRExplorer) -> str:
     return "SCENE " + json.dumps(scene)
 
 
-def build_benchmark_explorer(display_size: int = 512) -> tuple[CSRExplorer, str]:
-    """The bundled model when it is installed, else an untrained one of the bundled size
-    (resnet18 stride 8, 6 concepts, 3 classes, M = 10, D = 64) with a random head; on a
-    SyntheticCXR image. Returns the explorer and which model it is."""
+PAPER_FINDINGS = [  # VinDr-CXR's 14 findings: the paper-size setting of benchmarks/interaction.py
+    "aortic_enlargement", "atelectasis", "calcification", "cardiomegaly", "consolidation", "ild",
+    "infiltration", "lung_opacity", "nodule", "other_lesion", "pleural_effusion",
+    "pleural_thickening", "pneumothorax", "pulmonary_fibrosis",
+]
+
+
+def _standardise(model: CSRModel, seed: int = 2) -> CSRModel:
+    """Standardise an untrained model's scores as stage 3 would (on a few images) and keep
+    its logits unsaturated, so that boxes move the displayed probabilities."""
+    from csr_widgets import SyntheticCXR
+
+    images = torch.stack([item["image"] for item in SyntheticCXR(n=8, seed=seed, image_size=model.config.image_size)])
+    with torch.no_grad():
+        scores = model(images).scores
+        model.task_head.score_mean.copy_(scores.mean(0))
+        model.task_head.score_std.copy_(scores.std(0).clamp(min=1e-3))
+        model.task_head.linear.weight.normal_(0, 1.0 / model.config.prototypes_per_concept ** 0.5)
+        model.task_head.linear.bias.zero_()
+    return model
+
+
+def build_benchmark_explorer(kind: str = "bundled", display_size: int = 512) -> tuple[CSRExplorer, str]:
+    """The explorer the latency benchmark drives, on a SyntheticCXR image.
+
+    kind "bundled": the bundled model when it is installed, else an untrained one of the
+    bundled size (resnet18 stride 8, 160 px, 6 concepts, M = 10, D = 64);
+    kind "paper": an untrained paper-size model (resnet18, 224 px, K = 14, M = 100,
+    D = 256, as benchmarks/interaction.py). Returns the explorer and which model it is."""
     from csr_widgets import SyntheticCXR, load_pretrained
 
-    try:
-        model, name = load_pretrained("synthetic-cxr", device="cpu"), "bundled synthetic-cxr"
-    except (FileNotFoundError, ValueError):
-        from csr_widgets.pretrained import recipe_config
+    torch.manual_seed(0)
+    if kind == "paper":
+        config = CSRConfig(concepts=PAPER_FINDINGS, classes=["no_finding", "finding"], backbone="resnet18",
+                           image_size=224, prototypes_per_concept=100, embedding_dim=256)
+        model, name = _standardise(CSRModel(config).eval()), "paper size (resnet18, 224 px, K=14, M=100), untrained"
+    elif kind == "bundled":
+        try:
+            model, name = load_pretrained("synthetic-cxr", device="cpu"), "bundled synthetic-cxr"
+        except (FileNotFoundError, ValueError):
+            from csr_widgets.pretrained import recipe_config
 
-        torch.manual_seed(0)
-        model = CSRModel(recipe_config("synthetic-cxr")).eval()
-        # Standardise the scores as stage 3 would (on a few images) and keep the logits
-        # unsaturated, so that boxes move the displayed probabilities.
-        images = torch.stack([item["image"] for item in SyntheticCXR(n=8, seed=2, image_size=model.config.image_size)])
-        with torch.no_grad():
-            scores = model(images).scores
-            model.task_head.score_mean.copy_(scores.mean(0))
-            model.task_head.score_std.copy_(scores.std(0).clamp(min=1e-3))
-            model.task_head.linear.weight.normal_(0, 1.0 / model.config.prototypes_per_concept ** 0.5)
-            model.task_head.linear.bias.zero_()
-        name = "untrained, bundled size"
+            model, name = _standardise(CSRModel(recipe_config("synthetic-cxr")).eval()), "untrained, bundled size"
+    else:
+        raise ValueError(f"kind must be 'bundled' or 'paper', got {kind!r}.")
     image = SyntheticCXR(n=4, seed=1, image_size=model.config.image_size)[1]["image"]
     return CSRExplorer(model, image, display_size=display_size), name
 
