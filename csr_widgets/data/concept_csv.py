@@ -46,7 +46,7 @@ class ConceptCSV(AnnotatedImages):
         if bad.any():
             row, col = map(int, np.argwhere(bad)[0])
             where = f"{csv.name} line {csv_line(frame.index[row])}"
-            raise ValueError(f"{where}: concept {concepts[col]!r} must be 0 or 1, got {flags[row, col]!r}")
+            raise ValueError(f"{where}: concept {concepts[col]!r} must be 0 or 1, got {np.asarray(flags[row, col]).tolist()!r}")
         classes, labels = _labels(frame, label_column, classes, csv)
         records, by_path = [], {}
         for row, (index, image) in enumerate(zip(frame.index, frame[image_column].astype(str))):

@@ -153,7 +153,7 @@ def _physionet_records(csv_path: Path, labels_csv: Path, images: dict, folder: P
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         where = f"{labels_csv.name} line {csv_line(labels.index[row])}"
-        raise ValueError(f"{where}: column {columns[col]!r} must be 0 or 1, got {values[row, col]!r}")
+        raise ValueError(f"{where}: column {columns[col]!r} must be 0 or 1, got {np.asarray(values[row, col]).tolist()!r}")
     frame = read_csv(csv_path)
     require_columns(frame, ["image_id", "rad_id", "class_name", *_BOX_COLUMNS], csv_path)
     boxes = _read_boxes(csv_path, frame, concepts)

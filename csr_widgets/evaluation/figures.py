@@ -154,7 +154,7 @@ def interaction_gains_chart(gains: pd.DataFrame, interactive: bool = False):
                         hovertemplate="%{x}: %{y:+.2f} pts (F1 %{customdata[0]:.1f} -> %{customdata[1]:.1f}), %{text}<extra></extra>")
         fig.update_layout(barmode="group", yaxis_title="macro F1 gain (points)", title="Simulated interaction")
         return fig
-    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    fig = Figure(figsize=(max(5, 0.9 * len(kinds) + 1), 3.4), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(triggers), 1)
     for i, trigger in enumerate(triggers):
@@ -163,7 +163,9 @@ def interaction_gains_chart(gains: pd.DataFrame, interactive: bool = False):
         bars = ax.bar(x, 100 * part["gain"].to_numpy(), width, label=f"trigger: {trigger}")
         ax.bar_label(bars, labels=[f"{t}" for t in part["touched"]], fontsize=7, padding=2)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(kinds)), kinds)
+    ax.margins(y=0.12)  # room for the bar labels
+    # Kind names are long (concept_both, random_question): slanted, seven of them stay readable.
+    ax.set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("macro F1 gain (points)")
     ax.set_title("Simulated interaction (bar labels: cases touched)", fontsize=9)
     ax.legend(fontsize=8)
