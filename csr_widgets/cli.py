@@ -347,17 +347,25 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 NODELAY_EXTENSION = "csr_widgets.widgets.server"  # TCP_NODELAY on the kernel websockets
 
 
-def demo_notebook(path: Path) -> bool:
-    """Write the demo notebook (with a kernelspec: no "Select Kernel" dialog); never
-    overwrite one the user has changed. True when it was written."""
+# The teaching quickstart, where the package runs from a checkout (pip install -e .).
+QUICKSTART = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
+
+
+def demo_notebook(path: Path, quickstart: Path = QUICKSTART) -> bool:
+    """Write the demo notebook: a copy of the quickstart notebook when the checkout has it,
+    else a three-cell explorer demo; with a kernelspec (no "Select Kernel" dialog). Never
+    overwrites one the user has changed. True when it was written."""
     import nbformat
 
     if path.exists():
         return False
-    notebook = nbformat.v4.new_notebook()
+    if quickstart.is_file():
+        notebook = nbformat.read(quickstart, as_version=4)
+    else:  # installed from a wheel: the notebooks are not in the package
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
     notebook.metadata["kernelspec"] = dict(KERNELSPEC)
-    notebook.metadata["language_info"] = {"name": "python"}
-    notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
+    notebook.metadata.setdefault("language_info", {"name": "python"})
     nbformat.write(notebook, path)
     return True
 

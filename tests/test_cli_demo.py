@@ -12,13 +12,17 @@ import nbformat
 from csr_widgets import cli
 
 
-def test_the_demo_notebook_has_a_kernelspec_and_is_never_overwritten(tmp_path):
+def test_the_demo_notebook_is_the_quickstart_with_a_kernelspec_and_is_never_overwritten(tmp_path):
     path = tmp_path / "demo.ipynb"
     assert cli.demo_notebook(path)
     notebook = nbformat.read(path, as_version=4)
     assert notebook.metadata["kernelspec"]["name"] == "python3"  # no "Select Kernel" dialog
     nbformat.validate(notebook)
-    assert "CSRExplorer(model, image)" in notebook.cells[1].source
+    assert notebook.cells == nbformat.read(cli.QUICKSTART, as_version=4).cells  # the quickstart
+    # without a checkout's notebooks (a wheel install): the three-cell explorer demo
+    fallback = tmp_path / "fallback.ipynb"
+    assert cli.demo_notebook(fallback, quickstart=tmp_path / "missing.ipynb")
+    assert "CSRExplorer(model, image)" in nbformat.read(fallback, as_version=4).cells[1].source
     path.write_text(json.dumps({"changed": "by the user"}))
     assert not cli.demo_notebook(path)
     assert json.loads(path.read_text()) == {"changed": "by the user"}

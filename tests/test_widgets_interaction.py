@@ -206,8 +206,9 @@ def test_pointing_at_the_image_gives_it_the_key_focus(model, image, monkeypatch)
     assert sent == [{"do": "focus"}] * 2
     # the page script: shortcuts suppressed inside the explorer, focus on hover and click
     # (what it does in a browser is tested in tests/browser)
-    style = ex.children[0].value
-    assert "data-lm-suppress-shortcuts" in style and "onerror=" in style and "preventScroll" in style
+    support = ex.children[0]
+    assert "data-lm-suppress-shortcuts" in support._esm and "preventScroll" in support._esm
+    assert ".csr-canvas:focus" in support._css
     hint = ex.children[2].children[0].children[-1].value
     assert "Point at the image to use keys" in hint and "<kbd>z</kbd> undo" in hint
 
@@ -255,7 +256,7 @@ def test_the_layout_adapts_to_the_space(model, image):
     layout = ex.canvas.layout
     assert (layout.width, layout.max_width, layout.height) == ("100%", "480px", "auto")  # scales down, never up
     style = ex.children[0]
-    assert "<style>" in style.value and "flex-wrap: wrap" in style.value and style.layout.display == "none"
+    assert "flex-wrap: wrap" in style._css and style.layout.display == "none"
     assert {"csr-toolbar", "csr-main"} <= {c for child in ex.children for c in child._dom_classes}
 
 

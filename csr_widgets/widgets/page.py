@@ -11,17 +11,15 @@ capture phase, before the widget that has the focus, so with the image focused a
 notebook in command mode, ``r`` turned the explorer's cell into a Raw cell (deleting the
 explorer) and ``y``/``z`` changed or undid cells. Lumino looks for a shortcut from the
 focused element up and stops at an element marked ``data-lm-suppress-shortcuts``;
-ipywidgets cannot set an attribute, so the style widget carries a script that marks
-whatever receives the focus inside the explorer, and gives the image the key focus when
-the pointer enters it or a click lands elsewhere in the explorer (without scrolling). ipywidgets' HTML widget sets its value as innerHTML, where a ``<script>`` does
-not run; an image that fails to load runs its ``onerror``. Where the script cannot run,
-the kernel still focuses the image when the pointer enters it (a widget "focus"
-message), and only the shortcut suppression is missing.
+ipywidgets cannot set an attribute, so a tiny anywidget front end (``PageSupport``, an ES
+module run by the page) marks whatever receives the focus inside its explorer, and gives
+the image the key focus when the pointer enters it or a click lands elsewhere in the
+explorer (without scrolling). Where no front end runs (a static export), the kernel still
+focuses the image when the pointer enters it (a widget "focus" message).
 """
 from __future__ import annotations
 
-import html
-
+import anywidget
 import ipywidgets as widgets
 
 CSS = """
@@ -54,22 +52,42 @@ CSS = """
 """
 
 
-KEY_SCRIPT = " ".join("""
-var root = this.closest('.csr-explorer');
-if (root && !root.dataset.csrKeys) {
-  root.dataset.csrKeys = '1';
-  root.addEventListener('focusin', function (e) { e.target.setAttribute('data-lm-suppress-shortcuts', 'true'); });
-  var focus = function () { var c = root.querySelector('.csr-canvas'); if (c && document.activeElement !== c) c.focus({preventScroll: true}); };
-  root.addEventListener('mouseover', function (e) { if (e.target.classList.contains('csr-canvas')) focus(); });
-  root.addEventListener('click', function (e) { if (!e.target.closest('select, textarea, input[type=text], input[type=number], .widget-slider')) focus(); });
-}
-""".split())
+KEY_MODULE = """
+export default {
+  render({ el }) {
+    // the view is attached to the page after render returns: find the explorer around it then
+    let tries = 0;
+    const attach = () => {
+      const root = el.closest('.csr-explorer');
+      if (!root) { if (tries++ < 600) requestAnimationFrame(attach); return; }
+      if (root.dataset.csrKeys) return;
+      root.dataset.csrKeys = '1';
+      root.addEventListener('focusin', (e) => e.target.setAttribute('data-lm-suppress-shortcuts', 'true'));
+      const focus = () => {
+        const canvas = root.querySelector('.csr-canvas');
+        if (canvas && document.activeElement !== canvas) canvas.focus({ preventScroll: true });
+      };
+      root.addEventListener('mouseover', (e) => { if (e.target.classList.contains('csr-canvas')) focus(); });
+      root.addEventListener('click', (e) => {
+        if (!e.target.closest('select, textarea, input[type=text], input[type=number], .widget-slider')) focus();
+      });
+    };
+    attach();
+  },
+};
+"""
 
 
-def style_widget() -> widgets.HTML:
-    """An invisible widget carrying the CSS and the key script (one per explorer: the
-    rules are identical, the script marks its own explorer once)."""
-    script = html.escape(KEY_SCRIPT, quote=True)
-    style = widgets.HTML(f'<style>{CSS}</style><img src="data:," alt="" onerror="{script}">', layout=widgets.Layout(display="none"))
-    style.add_class("csr-style")
-    return style
+class PageSupport(anywidget.AnyWidget):
+    """Invisible: the explorers' CSS and the key handling above, as an anywidget front end
+    (one per explorer: the rules are identical, the module marks its own explorer once)."""
+
+    _esm = KEY_MODULE
+    _css = CSS
+
+
+def style_widget() -> PageSupport:
+    """The page support widget, hidden, to place inside an explorer."""
+    support = PageSupport(layout=widgets.Layout(display="none"))
+    support.add_class("csr-style")
+    return support
