@@ -4,7 +4,11 @@ Each seed trains a small model (96 px, resnet18 to stage 2) on SyntheticCXR with
 marker correlated with "tb" (phi = 0.9; "tb" means a cavity here, faint cavities, no nodules
 or consolidations), finds the prototypes whose maps peak on the marker, prunes them and
 refits the task head (``run_shortcut_experiment``), and compares with the same refit
-without pruning (the control). Prints one row per seed, then the mean and the spread.
+without pruning (the control). It also draws a negative box over the marker on every
+decorrelated test image that has one (the unpruned model): "tb | marker" is the share of
+those images predicted tb before, "tb | marker, box" with the box, "tb | no marker" the
+share among images without a marker, "negative box" the macro F1 with the boxes. Prints
+one row per seed, then the mean and the spread.
 
     python benchmarks/shortcut_seeds.py                 # seeds 1-5, ~6-8 min each on one core
     python benchmarks/shortcut_seeds.py --seeds 1 2 --prototypes 4
@@ -45,8 +49,13 @@ def one_seed(seed: int, prototypes: int, n_train: int) -> dict:
     f1 = experiment.table["macro_f1"].tolist()
     control_f1 = classification_summary(evaluate(control, test_set, progress=False))["macro_f1"]
     cavity = train_set.concepts.index("cavity")
+    box = experiment.negative_box  # a negative box over the marker, unpruned model, decorrelated split
     return {"seed": seed, "correlated": f1[0], "before": f1[1], "pruned + refit": f1[2], "refit only": control_f1,
-            "gain over control": f1[2] - control_f1, "pruned": int(experiment.shortcut_mask.sum()),
+            "gain over control": f1[2] - control_f1, "negative box": box["macro F1 with the negative box"],
+            "tb | marker": box["predicted tb, with shortcut, before"],
+            "tb | marker, box": box["predicted tb, with shortcut, negative box"],
+            "tb | no marker": box["predicted tb, without shortcut"],
+            "pruned": int(experiment.shortcut_mask.sum()),
             "pruned cavity": int(experiment.shortcut_mask[cavity].sum()), "minutes": (time.perf_counter() - start) / 60}
 
 

@@ -37,6 +37,7 @@ from ..model.grid import FeatureGrid
 from . import metrics
 from .atlas import Atlas
 from .report import classification_summary, evaluate, pointing_summary
+from .simulation import shortcut_neutralisation
 
 
 def shortcut_hits(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
@@ -253,7 +254,10 @@ class ShortcutExperiment:
 
     table: rows "correlated (val)", "decorrelated (test), before", "decorrelated (test),
     after pruning" with accuracy, macro_f1, pointing columns; rates: the per-prototype
-    detection table; shortcut_mask: (K, M) bool of the pruned prototypes.
+    detection table; shortcut_mask: (K, M) bool of the pruned prototypes; negative_box:
+    ``simulation.shortcut_neutralisation`` of the unpruned model on the decorrelated split
+    (a negative box over the marker on every image that has one), None without a known
+    shortcut class.
     """
 
     model: object
@@ -261,11 +265,13 @@ class ShortcutExperiment:
     shortcut_mask: torch.Tensor
     rates: pd.DataFrame
     table: pd.DataFrame
+    negative_box: pd.Series | None = None
 
 
 def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=None, *, train_kwargs: dict | None = None,
                             refit_kwargs: dict | None = None, threshold: float = 0.5, tolerance: float | None = None,
-                            atlas=None, batch_size: int = 32, progress: bool = False) -> ShortcutExperiment:
+                            atlas=None, batch_size: int = 32, progress: bool = False,
+                            shortcut_class: str | None = None) -> ShortcutExperiment:
     """Train on a shortcut-correlated set, detect and prune shortcut prototypes, compare.
 
     train_set, val_set: shortcut correlated with a class (detection by maxima runs on
@@ -278,6 +284,8 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
     default one feature cell (``model.grid.stride``): a marker a few pixels tall is smaller
     than a cell, and a map peaking on the marker's cell often peaks just outside its tight
     box (at tolerance 0 a tiny run found none of its marker prototypes).
+    shortcut_class: the class the shortcut correlates with (default: the test set's
+    ``shortcut_class``, as SyntheticCXR has it), for the negative-box measurement.
     """
     from ..training import refit_task_head  # lazily: training imports the model, not this module
 
@@ -307,4 +315,7 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         "decorrelated (test), before": comparison.table.loc["before"].to_dict(),
         "decorrelated (test), after pruning": comparison.table.loc["after"].to_dict(),
     }, orient="index")
-    return ShortcutExperiment(model=model, pruned_model=comparison.model, shortcut_mask=found, rates=rates, table=table)
+    shortcut_class = shortcut_class or getattr(test_set, "shortcut_class", None)
+    negative_box = None if shortcut_class is None else shortcut_neutralisation(model, test_set, shortcut_class, batch_size, progress)
+    return ShortcutExperiment(model=model, pruned_model=comparison.model, shortcut_mask=found, rates=rates, table=table,
+                              negative_box=negative_box)
