@@ -139,6 +139,18 @@ def test_check_next_is_the_top_ranked_question_and_an_answer_is_undoable(model, 
     assert ex.rejected == set() and ex.boxes == [] and ex.question == first
 
 
+def test_when_no_answer_would_matter_check_next_says_so(model, image):
+    model = copy.deepcopy(model)  # the fixture is shared by the module
+    ex = CSRExplorer(model, image)
+    with torch.no_grad():  # a head that ignores every concept: nothing a clinician says can move it
+        model.task_head.linear.weight.zero_()
+    ex.refresh()
+    ex.rejected = {"nodule"}  # a new state: ranked again, on the silent head
+    assert ex.question is None
+    assert "No single answer would move the prediction" in ex.panel.question.value
+    assert ex.panel.yes.layout.display == "none"
+
+
 def test_a_location_answer_is_a_concept_box_on_exactly_the_cell_asked_about(model, image):
     ex = CSRExplorer(model, image)
     question = next(q for q in rank_questions(model, ex.encoding) if q.kind == "location")

@@ -125,10 +125,12 @@ def question_text(question, classes: list[str], probs: list[float]) -> str:
     return f"{ask} A no would change {classes[first]}'s lead over {classes[second]} by {question.change_no:.2f}."
 
 
-def question_line(text: str | None) -> str:
-    """The "check next" suggestion (empty when there is nothing left to ask)."""
+def question_line(text: str | None, settled: bool = False) -> str:
+    """The "check next" suggestion; when there is none, empty, or (``settled``) a line saying
+    that no single answer would move the prediction."""
     if not text:
-        return '<span class="csr-question csr-question-none"></span>'
+        note = "Check next: nothing. No single answer would move the prediction." if settled else ""
+        return f'<span class="csr-question csr-question-none" style="color:#555">{note}</span>'
     return f'<span class="csr-question"><b>Check next:</b> {escape(text)}</span>'
 
 

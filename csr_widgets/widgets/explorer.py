@@ -55,6 +55,9 @@ from .session import ExplorerState, History, ViewSettings, as_boxes, parse_sessi
 from .page import style_widget
 
 RESULT_CACHE = 16  # recent results kept, so undo/redo answer without recomputing
+# A question whose expected effect on the top-2 margin is below this is not worth asking:
+# the panel says that no single answer would move the prediction instead.
+MIN_QUESTION_EFFECT = 0.01
 # "Check next" is ranked this long after the last change, off the path of the update the
 # user waits for: ranking costs ~14 ms on the bundled model (one batched reason over 2K + 1
 # answers), several updates in a row rank once, and undo/redo reuse cached rankings.
@@ -364,13 +367,14 @@ class CSRExplorer(widgets.VBox):
         if key not in self._rankings:
             with torch.inference_mode(), single_threaded():
                 ranked = rank_questions(self.model, self.encoding, state.interaction(self.geometry.box_to_model))
-            asked = [q for q in ranked if (q.kind, q.concept) not in state.answered]
+            asked = [q for q in ranked if (q.kind, q.concept) not in state.answered and q.effect >= MIN_QUESTION_EFFECT]
             self._rankings[key] = asked[0] if asked else None
             while len(self._rankings) > RESULT_CACHE:
                 self._rankings.popitem(last=False)
         self._question = self._rankings[key]
         probs = self._reasoning(state, quiet=True)[1].probs[0].tolist()
-        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, probs))
+        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, probs),
+                                 settled=True)
         self._draw_boxes()  # the cell a location question asks about
 
     # ------------------------------------------------------------------ persistence

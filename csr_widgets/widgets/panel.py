@@ -96,8 +96,9 @@ class SidePanel(widgets.VBox):
         for k, name in enumerate(self.checks):
             self.cells[name].value = charts.concept_cell(scores[k], contributions[k], scale, name in rejected, class_name)
 
-    def show_question(self, text: str | None) -> None:
-        self.question.value = charts.question_line(text)
+    def show_question(self, text: str | None, settled: bool = False) -> None:
+        """text: the question to ask; None with ``settled``: no answer would matter."""
+        self.question.value = charts.question_line(text, settled)
         for button in (self.yes, self.no):
             button.layout.display = None if text else "none"
 

@@ -8,7 +8,7 @@ import pytest
 from .harness import ARTIFACTS, missing_browser
 
 # the fixture notebook is opened by the browser tests, not run by nbval
-collect_ignore = ["explorer.ipynb"]
+collect_ignore = ["explorer.ipynb", "readme.ipynb"]
 
 
 def pytest_collection_modifyitems(config, items):

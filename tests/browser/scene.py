@@ -169,3 +169,20 @@ def strongest_regions(ex: CSRExplorer, count: int = 8, cells: float = 2.5, min_c
         if len(boxes) == count:
             break
     return boxes
+
+
+def build_readme_explorer() -> CSRExplorer:
+    """The README's picture: the bundled model on a held-out phantom with a nodule, a
+    concept box on the nodule ("the nodule is here"), its heatmap shown."""
+    from csr_widgets import Box, SyntheticCXR, load_pretrained
+
+    model = load_pretrained("synthetic-cxr", device="cpu")
+    data = SyntheticCXR(n=40, split="test", image_size=model.config.image_size)
+    item = next(data[i] for i in range(len(data)) if data.classes[data[i]["label"]] == "tb"
+                and any(concept == "nodule" for concept, *_ in data[i]["boxes"]))
+    _, *nodule = next(b for b in item["boxes"] if b[0] == "nodule")
+    ex = CSRExplorer(model, item["image"], concept="nodule", display_size=400)
+    x0, y0, x1, y1 = nodule
+    ex.boxes = [Box(x0 - 2, y0 - 2, x1 + 2, y1 + 2, concept="nodule")]
+    ex.add_class("csr-readme")
+    return ex
