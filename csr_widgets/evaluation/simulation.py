@@ -264,12 +264,14 @@ def _concept_scores(model, scores) -> np.ndarray:
 
 
 def _peak_in_box(model, similarity_maps, image_size, concepts: list[int], pairs) -> np.ndarray:
-    """(P,) bool: concept ``concepts[i]``'s saliency peaks inside pair i's box (tolerance 0).
-    A map without any positive similarity points nowhere: not inside."""
-    saliency = metrics.concept_saliency(similarity_maps, model.grid, image_size, model.prototype_mask)
-    own = saliency[np.arange(len(pairs)), concepts]  # (P, H, W)
-    points = metrics.argmax_points(own).cpu().numpy()
-    pointing = (own.flatten(1).amax(1) > 0).cpu().numpy()
+    """(P,) bool: concept ``concepts[i]``'s map peaks inside pair i's box, the point located
+    as the Pointing Game locates it (``metrics.concept_points``, tolerance 0). A map without
+    any positive similarity points nowhere: not inside."""
+    rows = np.arange(len(pairs))
+    points = metrics.concept_points(similarity_maps, model.grid, image_size, model.prototype_mask)[rows, concepts].cpu().numpy()
+    mask = model.prototype_mask.to(similarity_maps.device)[concepts]  # (P, M)
+    peaks = similarity_maps[rows, concepts].masked_fill(~mask[..., None, None], -np.inf).flatten(1).amax(1)
+    pointing = (peaks > 0).cpu().numpy()
     H, W = image_size
     return np.array([bool(pointing[i]) and metrics.distance_to_boxes(points[i], [xyxy], H, W) == 0
                      for i, (_, _, xyxy) in enumerate(pairs)])
