@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import csr_widgets
-from csr_widgets.evaluation import shortcut
+from csr_widgets.evaluation import shortcut, simulation
 from csr_widgets.evaluation.atlas import Atlas
 from csr_widgets.model import FeatureGrid
 
@@ -255,3 +255,28 @@ def test_shortcut_experiment_on_a_tiny_run_shows_the_damage_and_the_recovery():
     assert not experiment.pruned_model.prototype_mask[found].any()
     on_marker = experiment.table["shortcut@15"]
     assert on_marker.iloc[2] < on_marker.iloc[1]  # after pruning the maps leave the marker
+
+
+def test_shortcut_negative_box_reaches_the_cell_next_to_a_tight_marker_box(base_model):
+    """Image 0's "y" evidence, prototype (c, 0) at 1.0, peaks on cell (0, 7), one cell to the
+    right of the marker's tight box (which touches only cell (0, 6)): a tight negative box
+    leaves it, the default one-cell margin (as a user draws a box *over* a marker) reaches it
+    and the floor takes (c, 0) to its absent baseline (0 here), so "x" (2 x 0.8) wins."""
+    model = copy.deepcopy(base_model)
+    encoding = empty_encoding(2)
+    encoding.similarity_maps[:, 0, 0, 3, 3] = 0.8
+    encoding.similarity_maps[0, 2, 0, 0, 7] = 1.0
+    encoding.similarity_maps[1, 2, 0, 4, 4] = 0.3
+    model.encode = fake_encode(encoding)
+    x0, x1 = model.grid.span(6, 64, 8)
+    y0, y1 = model.grid.span(0, 64, 8)
+    dataset = ListDataset([item(0, [1, 0, 1], 1, shortcut_box=(x0, y0, x1, y1)), item(1, [1, 0, 0], 0)])
+
+    tight = simulation.shortcut_neutralisation(model, dataset, "y", progress=False, margin=0)
+    grown = simulation.shortcut_neutralisation(model, dataset, "y", progress=False)
+    assert tight["images with the shortcut"] == 1 and tight["images without"] == 1
+    assert tight["predicted y, with shortcut, before"] == 1.0
+    assert tight["predicted y, with shortcut, negative box"] == 1.0
+    assert grown["predicted y, with shortcut, negative box"] == 0.0
+    assert grown["predicted y, without shortcut"] == 0.0
+    assert grown["macro F1 with the negative box"] == pytest.approx(1 / 3)  # x, x vs y, x: F1 2/3 and 0

@@ -279,8 +279,13 @@ def _peak_in_box(model, similarity_maps, image_size, concepts: list[int], pairs)
 
 # --------------------------------------------------------------------------- shortcuts
 def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int = 32, progress: bool = True,
-                            num_workers: int = 0) -> pd.Series:
+                            num_workers: int = 0, margin: float | None = None) -> pd.Series:
     """A negative box over the shortcut (an item's ``shortcut_box``) on every image that has one.
+
+    margin: pixels added around the shortcut's tight box, as a user draws a box *over* a
+    marker rather than along its letters; default one feature cell (``model.grid.stride``),
+    the tolerance shortcut detection uses for the same reason: the maps of prototypes that
+    learned a marker a few pixels tall peak on its cell or the next one.
 
     dataset: typically the decorrelated split (``SyntheticCXR.decorrelate()``). Returns the
     share of images predicted as ``shortcut_class`` with the shortcut (before and after
@@ -289,12 +294,13 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
     it cannot teach the model the findings it never learned (F1 recovers little).
     """
     target = list(model.classes).index(shortcut_class)
+    margin = float(model.grid.stride) if margin is None else float(margin)
     labels, before, after, has = [], [], [], []
     with evaluating(model):
         for batch in iterate_batches(model, dataset, batch_size, progress, "shortcut box", num_workers):
             encoding = model.encode(batch.images)
             H, W = encoding.image_size
-            interactions = [Interaction(boxes=(Box(*box, positive=False).clipped(W, H),)) if box is not None else Interaction()
+            interactions = [Interaction(boxes=(_grown(box, margin).clipped(W, H),)) if box is not None else Interaction()
                             for box in batch.shortcut_boxes]
             before.append(model.reason(encoding).prediction.cpu().numpy())
             after.append(model.reason(encoding, interactions).prediction.cpu().numpy())
@@ -312,3 +318,9 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
         "macro F1 before": metrics.macro_f1(labels, before),
         "macro F1 with the negative box": metrics.macro_f1(labels, after),
     })
+
+
+def _grown(box, margin: float) -> Box:
+    """A negative box ``margin`` pixels wider than ``box`` (x0, y0, x1, y1) on every side."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return Box(x0 - margin, y0 - margin, x1 + margin, y1 + margin, positive=False)
