@@ -147,3 +147,13 @@ def test_evaluate_rejects_mismatched_datasets(real_model):
     dataset = ListDataset([item(0, [1, 0, 0], 0)], classes=["x", "w"])
     with pytest.raises(ValueError, match=r"\['w'\]"):
         report.evaluate(real_model, dataset, progress=False)
+
+
+def test_tables_as_markdown(model):
+    """--markdown gives pipe tables (pandas + tabulate), with the same numbers as the text."""
+    text = report.paper_tables(model, constructed_dataset(), markdown=True)
+    table1 = text.split("Table 1.")[1].split("Table 2.")[0]
+    rows = [line for line in table1.splitlines() if line.startswith("|")]
+    assert len(rows) == 3 and set(rows[1]) <= set("|:-")  # header, rule, one model row
+    cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
+    assert cells[0] == "CSR (this model)" and cells[2:4] == ["50.0", "33.3"]  # accuracy, macro F1

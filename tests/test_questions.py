@@ -43,6 +43,10 @@ def test_questions_are_ranked_by_the_expected_change_of_the_margin():
     assert [q.concept for q in questions] == ["a", "c", "b"]
     assert questions[0].flips_to == 1
     assert questions[0].text(model.classes) == "Is there really an a? (a no would make it y)"
+    # a "no" that keeps x says by how much it would move x's lead, not that it "makes it x"
+    kept = by_concept["c"]
+    assert kept.flips_to == 0 and kept.ranked == (0, 1)
+    assert kept.text(model.classes) == f"Is there really a c? (a no would change x's lead over y by {kept.change_no:.2f})"
     # ... unless the concept head is sure a is there
     sure = rank_questions(model, case(p_a=0.999, p_c=0.6), kinds=("present",))
     assert sure[0].concept == "c"

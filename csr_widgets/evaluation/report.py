@@ -200,10 +200,7 @@ PAPER_REFERENCE = (
 
 def _render(table: pd.DataFrame, markdown: bool) -> str:
     if markdown:
-        try:
-            return table.to_markdown(floatfmt=".1f")
-        except ImportError:  # pandas needs the optional `tabulate` for markdown
-            pass
+        return table.to_markdown(floatfmt=".1f")  # pandas needs tabulate (a dependency) for this
     return table.to_string(float_format=lambda v: f"{v:.1f}")
 
 

@@ -285,7 +285,8 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
     margin: pixels added around the shortcut's tight box, as a user draws a box *over* a
     marker rather than along its letters; default one feature cell (``model.grid.stride``),
     the tolerance shortcut detection uses for the same reason: the maps of prototypes that
-    learned a marker a few pixels tall peak on its cell or the next one.
+    learned a marker a few pixels tall peak on its cell or the next one
+    (docs/decisions.md#shortcut-negative-box).
 
     dataset: typically the decorrelated split (``SyntheticCXR.decorrelate()``). Returns the
     share of images predicted as ``shortcut_class`` with the shortcut (before and after

@@ -44,6 +44,7 @@ class Question:
         and top-2 the classes ranked first and second before the answer.
     flips_to: the class predicted after a "no" (the current prediction when it holds).
     effect: p_no * change_no + (1 - p_no) * change_yes, the ranking key.
+    ranked: (top-1, top-2) class indices before the answer, the margin's two classes.
     """
 
     kind: str
@@ -56,15 +57,22 @@ class Question:
     change_yes: float
     flips_to: int
     effect: float
+    ranked: tuple[int, int]
 
     def text(self, classes: list[str] | None = None) -> str:
-        """The question in words, e.g. "Is there really a cavity? (a no would make it sick)"."""
+        """The question in words, e.g. "Is there really a cavity? (a no would make it sick)", or, when a "no" keeps
+        the prediction, how much it would change the top class's lead."""
         if self.kind == "present":
             ask = f"Is there really {_article(self.concept)} {self.concept}?"
         else:
             x0, y0, x1, y1 = self.region
             ask = f"Is the {self.concept} evidence where its map peaks (x {x0}-{x1}, y {y0}-{y1})?"
-        return ask if classes is None else f"{ask} (a no would make it {classes[self.flips_to]})"
+        if classes is None:
+            return ask
+        first, second = self.ranked
+        if self.flips_to != first:
+            return f"{ask} (a no would make it {classes[self.flips_to]})"
+        return f"{ask} (a no would change {classes[first]}'s lead over {classes[second]} by {self.change_no:.2f})"
 
 
 @torch.inference_mode()
@@ -119,7 +127,8 @@ def rank_questions(model, encoding, interaction: Interaction | None = None, kind
             change_yes = abs(margin(answered[yes_row]) - before)
             yes_row += 1
         questions.append(Question(kind, name, region, no, yes, p_no, change_no, change_yes,
-                                  int(answered[row].argmax()), p_no * change_no + (1 - p_no) * change_yes))
+                                  int(answered[row].argmax()), p_no * change_no + (1 - p_no) * change_yes,
+                                  (first, second)))
     return sorted(questions, key=lambda q: q.effect, reverse=True)
 
 
