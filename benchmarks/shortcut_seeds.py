@@ -10,7 +10,7 @@ those images predicted tb before, "tb | marker, box" with the box, "tb | no mark
 share among images without a marker, "negative box" the macro F1 with the boxes. Prints
 one row per seed, then the mean and the spread.
 
-    python benchmarks/shortcut_seeds.py                 # seeds 1-5, ~6-8 min each on one core
+    python benchmarks/shortcut_seeds.py                 # seeds 1-5, 3-11 min each on one core (3 when quiet)
     python benchmarks/shortcut_seeds.py --seeds 1 2 --prototypes 4
 
 Single-threaded: multi-threaded CPU training is not bit-reproducible.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -361,6 +363,9 @@ def demo_notebook(path: Path, quickstart: Path = QUICKSTART) -> bool:
         return False
     if quickstart.is_file():
         notebook = nbformat.read(quickstart, as_version=4)
+        for cell in notebook.cells:  # its links to the other notebooks, from where the copy lives
+            if cell.cell_type == "markdown":
+                cell.source = relink(cell.source, quickstart.parent, path.resolve().parent)
     else:  # installed from a wheel: the notebooks are not in the package
         notebook = nbformat.v4.new_notebook()
         notebook.cells = [nbformat.v4.new_markdown_cell(DEMO_CELLS[0])] + [nbformat.v4.new_code_cell(c) for c in DEMO_CELLS[1:]]
@@ -368,6 +373,22 @@ def demo_notebook(path: Path, quickstart: Path = QUICKSTART) -> bool:
     notebook.metadata.setdefault("language_info", {"name": "python"})
     nbformat.write(notebook, path)
     return True
+
+
+MARKDOWN_LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?\)")
+
+
+def relink(markdown: str, origin: Path, folder: Path) -> str:
+    """Markdown with its relative links, written for a file in ``origin``, made to work from
+    a copy in ``folder`` (JupyterLab opens them as long as both lie under its root)."""
+
+    def moved(match: re.Match) -> str:
+        opening, target, anchor = match.group(1), match.group(2), match.group(3) or ""
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, flags=re.IGNORECASE) or target.startswith("/"):
+            return match.group(0)  # a URL or an absolute path
+        return f"{opening}{Path(os.path.relpath(origin / target, folder)).as_posix()}{anchor})"
+
+    return MARKDOWN_LINK.sub(moved, markdown)
 
 
 def demo_command(path: Path, port: int, no_browser: bool, as_root: bool) -> list[str]:
@@ -383,7 +404,6 @@ def demo_command(path: Path, port: int, no_browser: bool, as_root: bool) -> list
 
 
 def _demo(args) -> int:
-    import os
     import subprocess
 
     path = Path("csr-widgets-demo.ipynb")

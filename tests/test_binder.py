@@ -135,6 +135,15 @@ def test_binder_installs_the_package_and_exactly_what_the_notebooks_add():
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in options
 
 
+def test_the_demo_needs_nothing_beyond_the_package():
+    """`pip install -e . && csr-widgets demo` opens the quickstart: every distribution it
+    uses must come with the package, not only with the dev extra."""
+    dependencies = requirements(pyproject()["project"]["dependencies"])
+    needed = distributions_of(notebook_code(REPO / "notebooks" / "01_quickstart.ipynb"),
+                              importlib.metadata.packages_distributions())
+    assert needed and sorted(needed - set(dependencies)) == []
+
+
 def test_binder_runs_python_311_single_threaded_and_opens_the_quickstart():
     assert (BINDER / "runtime.txt").read_text().strip() == "python-3.11"
     start = (BINDER / "start").read_text().splitlines()

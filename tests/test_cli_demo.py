@@ -18,7 +18,11 @@ def test_the_demo_notebook_is_the_quickstart_with_a_kernelspec_and_is_never_over
     notebook = nbformat.read(path, as_version=4)
     assert notebook.metadata["kernelspec"]["name"] == "python3"  # no "Select Kernel" dialog
     nbformat.validate(notebook)
-    assert notebook.cells == nbformat.read(cli.QUICKSTART, as_version=4).cells  # the quickstart
+    quickstart = nbformat.read(cli.QUICKSTART, as_version=4)
+    assert [c.source for c in notebook.cells if c.cell_type == "code"] == [c.source for c in quickstart.cells if c.cell_type == "code"]
+    # its links to the other notebooks work from where the copy lies
+    links = [link for cell in notebook.cells if cell.cell_type == "markdown" for link in cli.MARKDOWN_LINK.findall(cell.source)]
+    assert links and all((path.parent / target).resolve().is_file() for _, target, _ in links)
     # without a checkout's notebooks (a wheel install): the three-cell explorer demo
     fallback = tmp_path / "fallback.ipynb"
     assert cli.demo_notebook(fallback, quickstart=tmp_path / "missing.ipynb")
@@ -26,6 +30,13 @@ def test_the_demo_notebook_is_the_quickstart_with_a_kernelspec_and_is_never_over
     path.write_text(json.dumps({"changed": "by the user"}))
     assert not cli.demo_notebook(path)
     assert json.loads(path.read_text()) == {"changed": "by the user"}
+
+
+def test_relink_moves_relative_links_and_leaves_urls_and_anchors(tmp_path):
+    origin, folder = tmp_path / "repo" / "notebooks", tmp_path
+    text = "[next](02_b.ipynb#part-2), [docs](../docs/m.md), [web](https://x.org/a.md), ![p](/abs/p.png), [here](#top)"
+    assert cli.relink(text, origin, folder) == (
+        "[next](repo/notebooks/02_b.ipynb#part-2), [docs](repo/docs/m.md), [web](https://x.org/a.md), ![p](/abs/p.png), [here](#top)")
 
 
 def test_the_demo_runs_as_root_with_the_nodelay_extension(tmp_path, monkeypatch, capsys):

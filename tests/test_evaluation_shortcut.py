@@ -176,7 +176,8 @@ def test_experiment_runner_wiring_with_a_stand_in_for_training(model, monkeypatc
     monkeypatch.setattr(csr_widgets, "training", stand_in, raising=False)
 
     train_set, val_set, test_set = constructed_dataset(), constructed_dataset(), constructed_dataset()
-    experiment = shortcut.run_shortcut_experiment(train_set, val_set, test_set, model=model, refit_kwargs={"epochs": 3})
+    experiment = shortcut.run_shortcut_experiment(train_set, val_set, test_set, model=model, refit_kwargs={"epochs": 3},
+                                                  shortcut_class="y")
     assert experiment.shortcut_mask.nonzero().tolist() == [[0, 1]]
     assert len(calls) == 1 and calls[0][0] is experiment.pruned_model and calls[0][1] is train_set
     assert calls[0][2] == {"epochs": 3, "progress": False}
@@ -185,6 +186,17 @@ def test_experiment_runner_wiring_with_a_stand_in_for_training(model, monkeypatc
     assert table["pg@0"].tolist() == [0.0, 0.0, 1.0]
     assert table["macro_f1"].tolist() == pytest.approx([0.25, 0.25, 0.4])
     assert experiment.rates.loc[experiment.rates["rate"] > 0.5, ["concept", "prototype"]].values.tolist() == [["a", 1]]
+    # the unpruned model, a negative box over the marker: image 0's "y" rests on (c, 0) at the
+    # marker's cell (0, 7); the box takes it to its baseline (0), and x (2 x 0.8) wins
+    box = experiment.negative_box
+    assert box["images with the shortcut"] == 2 and box["predicted y, with shortcut, before"] == 0.5
+    assert box["predicted y, with shortcut, negative box"] == 0.0 and box["predicted y, without shortcut"] == 0.0
+    # no test image with the marker, or no such class: nothing to measure, the experiment stands
+    clean = ListDataset([item(i, [1, 0, 0], 0, [("a", 20, 20, 30, 30)]) for i in range(3)])
+    assert shortcut.run_shortcut_experiment(train_set, val_set, clean, model=model, shortcut_class="y").negative_box is None
+    assert shortcut.run_shortcut_experiment(train_set, val_set, test_set, model=model, shortcut_class="tb").negative_box is None
+    with pytest.raises(ValueError, match="not one of the model's classes"):
+        simulation.shortcut_neutralisation(model, test_set, "tb", progress=False)
     with pytest.raises(ValueError, match="CSRConfig"):
         shortcut.run_shortcut_experiment(train_set, val_set, test_set)
 

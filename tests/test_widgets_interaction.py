@@ -147,8 +147,16 @@ def test_when_no_answer_would_matter_check_next_says_so(model, image):
     ex.refresh()
     ex.rejected = {"nodule"}  # a new state: ranked again, on the silent head
     assert ex.question is None
-    assert "No single answer would move the prediction" in ex.panel.question.value
+    assert "No answer is likely to change the prediction" in ex.panel.question.value
     assert ex.panel.yes.layout.display == "none"
+
+
+def test_with_every_concept_rejected_check_next_is_silent(model, image):
+    """Nothing left to ask is not "nothing would matter": the line stays empty."""
+    ex = CSRExplorer(model, image)
+    ex.rejected = set(model.concepts)
+    assert ex.question is None
+    assert "Check next" not in ex.panel.question.value and ex.panel.yes.layout.display == "none"
 
 
 def test_a_location_answer_is_a_concept_box_on_exactly_the_cell_asked_about(model, image):

@@ -246,8 +246,9 @@ def format_tables(frame: pd.DataFrame, gains: pd.DataFrame | None = None, refine
                   "rejected, both / concept_both = with rejection, question / random_question = one 'check this next' "
                   "question answered (the top-ranked one / a random one)", _render(table3, markdown), ""]
     if fidelity is not None:
-        table4 = 100 * fidelity_summary(fidelity)[["kept (small, mean)", "kept (small, 5th pct)", "peak moved off"]]
-        table4.insert(0, "boxes", fidelity_summary(fidelity)["boxes"])
+        summary = fidelity_summary(fidelity)
+        table4 = 100 * summary[["kept (small, mean)", "kept (small, 5th pct)", "peak moved off"]]
+        table4.insert(0, "boxes", summary["boxes"])
         parts += ["Table 4. One true box (%): the share of its concept's score a positive box keeps on lesions "
                   "<= 1.5 cells wide, and how often a negative box moves the concept's peak off the finding",
                   _render(table4, markdown), ""]

@@ -37,7 +37,7 @@ from ..model.grid import FeatureGrid
 from . import metrics
 from .atlas import Atlas
 from .report import classification_summary, evaluate, pointing_summary
-from .simulation import shortcut_neutralisation
+from .simulation import NoShortcutError, shortcut_neutralisation
 
 
 def shortcut_hits(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size: tuple[int, int],
@@ -256,8 +256,8 @@ class ShortcutExperiment:
     after pruning" with accuracy, macro_f1, pointing columns; rates: the per-prototype
     detection table; shortcut_mask: (K, M) bool of the pruned prototypes; negative_box:
     ``simulation.shortcut_neutralisation`` of the unpruned model on the decorrelated split
-    (a negative box over the marker on every image that has one), None without a known
-    shortcut class.
+    (a negative box over the marker on every image that has one), None without a
+    shortcut class among the model's classes or without a test image that carries the shortcut.
     """
 
     model: object
@@ -316,6 +316,11 @@ def run_shortcut_experiment(train_set, val_set, test_set, config=None, model=Non
         "decorrelated (test), after pruning": comparison.table.loc["after"].to_dict(),
     }, orient="index")
     shortcut_class = shortcut_class or getattr(test_set, "shortcut_class", None)
-    negative_box = None if shortcut_class is None else shortcut_neutralisation(model, test_set, shortcut_class, batch_size, progress)
+    negative_box = None  # only where it can be measured: a finished experiment never fails here
+    if shortcut_class in model.classes:
+        try:
+            negative_box = shortcut_neutralisation(model, test_set, shortcut_class, batch_size, progress)
+        except NoShortcutError:
+            pass
     return ShortcutExperiment(model=model, pruned_model=comparison.model, shortcut_mask=found, rates=rates, table=table,
                               negative_box=negative_box)

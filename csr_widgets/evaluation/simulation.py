@@ -278,6 +278,10 @@ def _peak_in_box(model, similarity_maps, image_size, concepts: list[int], pairs)
 
 
 # --------------------------------------------------------------------------- shortcuts
+class NoShortcutError(ValueError):
+    """The dataset has no image with a shortcut box (a decorrelated split without markers)."""
+
+
 def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int = 32, progress: bool = True,
                             num_workers: int = 0, margin: float | None = None) -> pd.Series:
     """A negative box over the shortcut (an item's ``shortcut_box``) on every image that has one.
@@ -294,6 +298,8 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
     neutralise a shortcut (the share on shortcut images falls to the share on the others);
     it cannot teach the model the findings it never learned (F1 recovers little).
     """
+    if shortcut_class not in model.classes:
+        raise ValueError(f"shortcut_class {shortcut_class!r} is not one of the model's classes {list(model.classes)}.")
     target = list(model.classes).index(shortcut_class)
     margin = float(model.grid.stride) if margin is None else float(margin)
     labels, before, after, has = [], [], [], []
@@ -309,7 +315,7 @@ def shortcut_neutralisation(model, dataset, shortcut_class: str, batch_size: int
             has.append(np.array([box is not None for box in batch.shortcut_boxes]))
     labels, before, after, has = (np.concatenate(v) for v in (labels, before, after, has))
     if not has.any():
-        raise ValueError("No image of the dataset has a shortcut_box: nothing to draw a negative box over.")
+        raise NoShortcutError("No image of the dataset has a shortcut_box: nothing to draw a negative box over.")
     return pd.Series({
         "images with the shortcut": int(has.sum()),
         "images without": int((~has).sum()),

@@ -110,11 +110,10 @@ def legend(class_name: str) -> str:
     )
 
 
-def question_text(question, classes: list[str], probs: list[float]) -> str:
+def question_text(question, classes: list[str]) -> str:
     """A "check next" question (csr_widgets.model.Question) in a clinician's words; a
-    location question points at the cell marked on the image, not at coordinates.
-    probs: the current class probabilities (the question was ranked on them)."""
-    first, second = sorted(range(len(probs)), key=lambda n: -probs[n])[:2]
+    location question points at the cell marked on the image, not at coordinates."""
+    first, second = question.ranked
     article = "an" if question.concept[:1].lower() in "aeiou" else "a"
     if question.kind == "present":
         ask = f"Is there really {article} {question.concept}?"
@@ -125,11 +124,12 @@ def question_text(question, classes: list[str], probs: list[float]) -> str:
     return f"{ask} A no would change {classes[first]}'s lead over {classes[second]} by {question.change_no:.2f}."
 
 
-def question_line(text: str | None, settled: bool = False) -> str:
-    """The "check next" suggestion; when there is none, empty, or (``settled``) a line saying
-    that no single answer would move the prediction."""
+UNLIKELY = "Check next: nothing. No answer is likely to change the prediction."
+
+
+def question_line(text: str | None, note: str = "") -> str:
+    """The "check next" suggestion; when there is none, ``note`` (say why, or nothing)."""
     if not text:
-        note = "Check next: nothing. No single answer would move the prediction." if settled else ""
         return f'<span class="csr-question csr-question-none" style="color:#555">{note}</span>'
     return f'<span class="csr-question"><b>Check next:</b> {escape(text)}</span>'
 

@@ -56,7 +56,8 @@ from .page import style_widget
 
 RESULT_CACHE = 16  # recent results kept, so undo/redo answer without recomputing
 # A question whose expected effect on the top-2 margin is below this is not worth asking:
-# the panel says that no single answer would move the prediction instead.
+# the panel says that no answer is likely to change the prediction instead
+# (docs/decisions.md#check-this-next).
 MIN_QUESTION_EFFECT = 0.01
 # "Check next" is ranked this long after the last change, off the path of the update the
 # user waits for: ranking costs ~14 ms on the bundled model (one batched reason over 2K + 1
@@ -367,14 +368,15 @@ class CSRExplorer(widgets.VBox):
         if key not in self._rankings:
             with torch.inference_mode(), single_threaded():
                 ranked = rank_questions(self.model, self.encoding, state.interaction(self.geometry.box_to_model))
-            asked = [q for q in ranked if (q.kind, q.concept) not in state.answered and q.effect >= MIN_QUESTION_EFFECT]
-            self._rankings[key] = asked[0] if asked else None
+            unanswered = [q for q in ranked if (q.kind, q.concept) not in state.answered]
+            # the cut is on the expected effect: an answer that would flip the case but is
+            # almost certainly "yes" is not worth the clinician's time either
+            worth = [q for q in unanswered if q.effect >= MIN_QUESTION_EFFECT]
+            self._rankings[key] = (worth[0] if worth else None, charts.UNLIKELY if unanswered and not worth else "")
             while len(self._rankings) > RESULT_CACHE:
                 self._rankings.popitem(last=False)
-        self._question = self._rankings[key]
-        probs = self._reasoning(state, quiet=True)[1].probs[0].tolist()
-        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes, probs),
-                                 settled=True)
+        self._question, note = self._rankings[key]
+        self.panel.show_question(None if self._question is None else charts.question_text(self._question, self.model.classes), note)
         self._draw_boxes()  # the cell a location question asks about
 
     # ------------------------------------------------------------------ persistence

@@ -96,9 +96,9 @@ class SidePanel(widgets.VBox):
         for k, name in enumerate(self.checks):
             self.cells[name].value = charts.concept_cell(scores[k], contributions[k], scale, name in rejected, class_name)
 
-    def show_question(self, text: str | None, settled: bool = False) -> None:
-        """text: the question to ask; None with ``settled``: no answer would matter."""
-        self.question.value = charts.question_line(text, settled)
+    def show_question(self, text: str | None, note: str = "") -> None:
+        """text: the question to ask; without one, ``note`` says why (or nothing)."""
+        self.question.value = charts.question_line(text, note)
         for button in (self.yes, self.no):
             button.layout.display = None if text else "none"
 

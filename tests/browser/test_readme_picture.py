@@ -26,6 +26,10 @@ def test_the_readme_picture(tmp_path, browser_context, artifacts):
         while harness.canvas_pixels(page, f"{ROOT} .csr-canvas")[..., :3].std() < 5:
             assert time.monotonic() < deadline, "the explorer's canvas stayed blank"
             time.sleep(0.5)
-        expect(explorer).to_contain_text("nodule")
+        # the picture shows what the README says: the nodule's heatmap and a box that was drawn
+        # (undo is enabled only after a change; the fixture's one change is the box)
+        expect(explorer.locator("select").first).to_have_value("nodule")
+        expect(explorer.locator("button", has_text="undo")).to_be_enabled()
+        expect(explorer.locator("button", has_text="redo")).to_be_disabled()
         explorer.screenshot(path=str(artifacts / "readme-explorer.png"))
         assert (artifacts / "readme-explorer.png").stat().st_size > 20_000
