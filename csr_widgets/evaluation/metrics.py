@@ -129,7 +129,7 @@ def concept_saliency(similarity_maps: torch.Tensor, grid: FeatureGrid, image_siz
     ``prototype_mask`` (K, M) marks False), then ``grid.upsample`` to ``image_size``.
     A concept without any active prototype gets an all-NaN map.
     """
-    best, dead = _concept_maps(similarity_maps, prototype_mask)
+    best, dead = concept_maps(similarity_maps, prototype_mask)
     saliency = grid.upsample(best, tuple(image_size))
     return saliency.masked_fill(dead[..., None, None], math.nan)
 
@@ -141,11 +141,11 @@ def concept_points(similarity_maps: torch.Tensor, grid: FeatureGrid, image_size:
     The same concept map as ``concept_saliency`` (max over active prototypes), its peak
     located below the cell size (``grid.peak_pixels``) in an image of ``image_size``. NaN for a concept without any active prototype.
     """
-    best, dead = _concept_maps(similarity_maps, prototype_mask)
+    best, dead = concept_maps(similarity_maps, prototype_mask)
     return grid.peak_pixels(best, tuple(image_size)).masked_fill(dead[..., None], math.nan)
 
 
-def _concept_maps(similarity_maps: torch.Tensor, prototype_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def concept_maps(similarity_maps: torch.Tensor, prototype_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K, M, h, w) -> (B, K, h, w) max over active prototypes (0 where none), (B, K) none active."""
     maps = similarity_maps
     if prototype_mask is not None:

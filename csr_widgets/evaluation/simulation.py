@@ -268,10 +268,10 @@ def _peak_in_box(model, similarity_maps, image_size, concepts: list[int], pairs)
     as the Pointing Game locates it (``metrics.concept_points``, tolerance 0). A map without
     any positive similarity points nowhere: not inside."""
     rows = np.arange(len(pairs))
-    points = metrics.concept_points(similarity_maps, model.grid, image_size, model.prototype_mask)[rows, concepts].cpu().numpy()
-    mask = model.prototype_mask.to(similarity_maps.device)[concepts]  # (P, M)
-    peaks = similarity_maps[rows, concepts].masked_fill(~mask[..., None, None], -np.inf).flatten(1).amax(1)
-    pointing = (peaks > 0).cpu().numpy()
+    best, dead = metrics.concept_maps(similarity_maps, model.prototype_mask)
+    own = best[rows, concepts]  # (P, h, w): pair i's concept in pair i's image
+    points = model.grid.peak_pixels(own, tuple(image_size)).cpu().numpy()
+    pointing = ((own.flatten(1).amax(1) > 0) & ~dead[rows, concepts]).cpu().numpy()
     H, W = image_size
     return np.array([bool(pointing[i]) and metrics.distance_to_boxes(points[i], [xyxy], H, W) == 0
                      for i, (_, _, xyxy) in enumerate(pairs)])
