@@ -7,6 +7,7 @@ import torch
 
 from csr_widgets import Box, Interaction
 from csr_widgets.model import rank_questions
+from csr_widgets.widgets.charts import question_text
 
 from .test_evaluation_support import empty_encoding, tiny_model
 
@@ -47,6 +48,8 @@ def test_questions_are_ranked_by_the_expected_change_of_the_margin():
     kept = by_concept["c"]
     assert kept.flips_to == 0 and kept.ranked == (0, 1)
     assert kept.text(model.classes) == f"Is there really a c? (a no would change x's lead over y by {kept.change_no:.2f})"
+    # the explorer says the same as a sentence
+    assert question_text(questions[0], model.classes) == "Is there really an a? A no would make it y."
     # ... unless the concept head is sure a is there
     sure = rank_questions(model, case(p_a=0.999, p_c=0.6), kinds=("present",))
     assert sure[0].concept == "c"

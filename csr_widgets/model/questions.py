@@ -67,12 +67,15 @@ class Question:
         else:
             x0, y0, x1, y1 = self.region
             ask = f"Is the {self.concept} evidence where its map peaks (x {x0}-{x1}, y {y0}-{y1})?"
-        if classes is None:
-            return ask
+        return ask if classes is None else f"{ask} ({self.consequence(classes)})"
+
+    def consequence(self, classes: list[str]) -> str:
+        """What a "no" would do: "a no would make it sick", or, when the prediction holds,
+        "a no would change tb's lead over sick by 0.12"."""
         first, second = self.ranked
         if self.flips_to != first:
-            return f"{ask} (a no would make it {classes[self.flips_to]})"
-        return f"{ask} (a no would change {classes[first]}'s lead over {classes[second]} by {self.change_no:.2f})"
+            return f"a no would make it {classes[self.flips_to]}"
+        return f"a no would change {classes[first]}'s lead over {classes[second]} by {self.change_no:.2f}"
 
 
 @torch.inference_mode()

@@ -113,15 +113,9 @@ def legend(class_name: str) -> str:
 def question_text(question, classes: list[str]) -> str:
     """A "check next" question (csr_widgets.model.Question) in a clinician's words; a
     location question points at the cell marked on the image, not at coordinates."""
-    first, second = question.ranked
-    article = "an" if question.concept[:1].lower() in "aeiou" else "a"
-    if question.kind == "present":
-        ask = f"Is there really {article} {question.concept}?"
-    else:
-        ask = f"Is the {question.concept} in the marked cell (? check here)?"
-    if question.flips_to != first:
-        return f"{ask} A no would make it {classes[question.flips_to]}."
-    return f"{ask} A no would change {classes[first]}'s lead over {classes[second]} by {question.change_no:.2f}."
+    ask = question.text() if question.kind == "present" else f"Is the {question.concept} in the marked cell (? check here)?"
+    consequence = question.consequence(classes)
+    return f"{ask} {consequence[0].upper()}{consequence[1:]}."
 
 
 UNLIKELY = "Check next: nothing. No answer is likely to change the prediction."
