@@ -9,7 +9,9 @@ phantoms at all.
    gamma 0.7 / 1.4, contrast 0.8 / 1.2), against the default phantoms
    (docs/decisions.md#film-settings).
 
-    python benchmarks/film_settings.py [--n 500]
+    python benchmarks/film_settings.py [CHECKPOINT] [--n 500]
+
+CHECKPOINT: a run's model.safetensors (default: the bundled model).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from pydicom.data import get_testdata_file
 
-from csr_widgets import SyntheticCXR, load_pretrained
+from csr_widgets import CSRModel, SyntheticCXR, load_pretrained
 from csr_widgets.data import read_image, resize_image
 from csr_widgets.evaluation import evaluate
 from csr_widgets.evaluation.report import classification_summary
@@ -40,9 +42,10 @@ def distance_ratio(model, image) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", default=None, help="a .safetensors file (default: the bundled model)")
     parser.add_argument("--n", type=int, default=500, help="test images per setting")
     args = parser.parse_args()
-    model = load_pretrained("synthetic-cxr", device="cpu")
+    model = load_pretrained("synthetic-cxr", device="cpu") if args.checkpoint is None else CSRModel.load(args.checkpoint, device="cpu").eval()
     images = {"real PA chest film (RG1_UNCR.dcm)": get_testdata_file("RG1_UNCR.dcm", download=False),
               "photograph": matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False),
               "blank": np.zeros((300, 300), np.float32), "grey": np.full((50, 50), 0.5, np.float32),

@@ -74,9 +74,9 @@ class CSRConfig:
     rejection: str = "baseline"
     # A case is flagged for review when p(top-1) - p(top-2) is below this.
     review_margin: float = 0.3
-    # Stage 3: probability of replacing a concept's scores by its absent baseline, so that
-    # rejecting a concept at test time stays in distribution (ours,
-    # docs/decisions.md#concept-dropout).
+    # Stage 3: probability of replacing an absent concept's scores by its absent baseline
+    # (in a second copy of the rows), so that rejecting a concept at test time stays in
+    # distribution; present concepts are never dropped (ours, docs/decisions.md#concept-dropout).
     concept_dropout: float = 0.1
     # How the concept head's maps become concept logits: "mean" (global average pooling,
     # the paper's) or "lse" (log-mean-exp, a smooth maximum; ours). GAP lets a concept be

@@ -2,8 +2,8 @@
 
 One function per stage: ``train_concepts`` (stage 1, on images), ``train_prototypes``
 (stage 2, on cached local concept vectors), ``train_task_head`` (stage 3, on cached
-scores), and ``refit_task_head`` (stage 3 again, after pruning). Each ends on its best
-validation epoch (``BestEpoch``) in eval mode.
+scores), and ``refit_task_head`` (stage 3 again, after pruning). Stages 1 and 2 end on
+their best validation epoch (``BestEpoch``), stage 3 at its objective's optimum; all in eval mode.
 """
 from __future__ import annotations
 
@@ -286,9 +286,13 @@ def calibrate_novelty(model: CSRModel, train: Dataset | FeatureCache, val: Datas
 
 def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | None, plan: TrainingPlan, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> list[dict]:
-    """Stage 3: H with cross-entropy on the scores, with concept dropout (ours,
-    docs/decisions.md#concept-dropout).
-    ``on_progress(fraction)`` after each epoch (e.g. a widget's progress bar)."""
+    """Stage 3: H fitted to the optimum of its convex objective, mean cross-entropy on the
+    standardised scores + ``plan.task_l2`` ||W||^2, by full-batch L-BFGS
+    (docs/decisions.md#task-head-fit). The rows: every training image's scores, and once
+    more with each *absent* concept replaced by its absent baseline with probability
+    ``config.concept_dropout``, so that rejecting a concept the image lacks stays in
+    distribution (docs/decisions.md#concept-dropout).
+    ``on_progress(fraction)`` after each round of iterations (e.g. a widget's progress bar)."""
     generator = torch.Generator().manual_seed(plan.seed + 3)
     scores = cached_scores(model, train)
     calibrate_task_head(model, scores, train.concepts)
@@ -297,33 +301,49 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
     params = set_stage(model, 3)
     with torch.no_grad():
         model.task_head.linear.reset_parameters()
-    optimizer = torch.optim.AdamW(_param_groups(model, params, plan.weight_decay), lr=plan.task_lr)
-    device, dropout = model.device, model.config.concept_dropout
-    labels = train.labels
-    history, best = [], BestEpoch(model, 3)
-    bar = tqdm(range(plan.task_epochs), desc="stage 3: task head", disable=not progress)
-    for epoch in bar:
-        order = torch.randperm(len(scores), generator=generator)
-        losses = []
-        for start in range(0, len(order), 64):
-            rows = order[start : start + 64]
-            batch = scores[rows]
-            dropped = torch.rand(batch.shape[:2], generator=generator) < dropout  # (B, K)
-            batch = torch.where(dropped[..., None], model.absent_baseline.cpu(), batch)
-            _, logits = model.classify(batch.to(device))
-            loss = F.cross_entropy(logits, labels[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        score = _macro_f1(model, val_scores, val.labels) if val is not None else _macro_f1(model, scores, labels)
-        best.offer(score)
-        history.append({"stage": 3, "epoch": epoch, "train_loss": float(np.mean(losses)), "val_macro_f1": score})
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_f1=f"{score:.4f}")
+    # present concepts are never dropped: a present concept at its absent baseline under an
+    # unchanged label taught H to predict "tb" without a cavity, and held its training F1 down
+    dropped = (train.concepts == 0) & (torch.rand(train.concepts.shape, generator=generator) < model.config.concept_dropout)  # (n, K)
+    rows = torch.cat([scores, torch.where(dropped[..., None], model.absent_baseline.cpu(), scores)]).to(model.device)  # (2n, K, M)
+    labels = torch.cat([train.labels, train.labels]).to(model.device)
+    weight = model.task_head.linear.weight
+    # tolerances far below the defaults, and L-BFGS run in rounds of several iterations: with
+    # the defaults, or one iteration per call, it stopped short of the optimum on these scores
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=_LBFGS_ROUND, history_size=20, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        _, logits = model.classify(rows)
+        loss = F.cross_entropy(logits, labels) + plan.task_l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    count = optimizer.param_groups[0]["params"][0]  # L-BFGS keeps its iteration count with its first tensor
+    history, previous, reported = [], math.inf, 0.0
+    bar = tqdm(total=plan.task_epochs, desc="stage 3: task head", disable=not progress)
+    while (done := optimizer.state[count].get("n_iter", 0)) < plan.task_epochs:
+        optimizer.param_groups[0]["max_iter"] = min(_LBFGS_ROUND, plan.task_epochs - done)
+        loss = optimizer.step(objective).item()
+        iterations = optimizer.state[count]["n_iter"]
+        score = _macro_f1(model, val_scores, val.labels) if val is not None else _macro_f1(model, scores, train.labels)
+        history.append({"stage": 3, "epoch": iterations - 1, "train_loss": loss, "val_macro_f1": score})
+        bar.update(iterations - done)
+        bar.set_postfix(loss=f"{loss:.4f}", val_f1=f"{score:.4f}")
+        if iterations == done or previous - loss < 1e-9:  # at the optimum: later iterations change nothing
+            break
+        previous = loss
         if on_progress is not None:
-            on_progress((epoch + 1) / plan.task_epochs)
-    best.restore()
+            reported = iterations / plan.task_epochs
+            on_progress(reported)
+    bar.close()
+    if on_progress is not None and reported < 1.0:
+        on_progress(1.0)
+    model.eval()
     return history
+
+
+_LBFGS_ROUND = 10  # stage-3 L-BFGS iterations between progress reports
 
 
 @torch.no_grad()
@@ -333,7 +353,7 @@ def _macro_f1(model: CSRModel, scores: torch.Tensor, labels: torch.Tensor) -> fl
     return metrics.macro_f1(labels, logits.argmax(-1))
 
 
-def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 60, seed: int = 0, progress: bool = True,
+def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: Dataset | FeatureCache | None = None, *, epochs: int = 300, seed: int = 0, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> pd.DataFrame:
     """Refit H after pruning prototypes (``model.prototype_mask``) or on new data.
 

@@ -29,12 +29,12 @@ class TrainingPlan:
 
     concept_epochs: int = 15  # stage 1 epochs over the training images
     prototype_epochs: int = 30  # stage 2 epochs over the local concept vectors
-    task_epochs: int = 60  # stage 3 epochs over the cached scores
+    task_epochs: int = 300  # stage 3 L-BFGS iterations at most, each a full pass over the cached scores (it stops at the optimum)
     batch_size: int = 32  # images per stage-1 step
     vector_batch_size: int = 256  # local concept vectors per stage-2 step
     concept_lr: float = 1e-3  # AdamW, cosine decay, stage 1
     prototype_lr: float = 1e-3  # AdamW, stage 2
-    task_lr: float = 1e-2  # AdamW, stage 3
+    task_l2: float = 1e-5  # stage 3: L2 penalty on H's weights, beside the mean cross-entropy (chosen on validation)
     weight_decay: float = 1e-4  # on weights; never on prototypes, norms or biases
     seed: int = 0  # everything random in training follows from it
     # How the work runs; none of these changes what is learnt beyond rounding

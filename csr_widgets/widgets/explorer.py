@@ -739,12 +739,14 @@ class CSRExplorer(widgets.VBox):
         self._colormap = widgets.Dropdown(options=colormaps, description="colours")
         self._opacity = widgets.FloatSlider(min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=True)
         self._alpha = widgets.FloatSlider(
-            min=0.0, max=1.0, step=0.05, description="alpha", continuous_update=False,
+            # named by what it does: "alpha" alone meant nothing on screen to a clinician
+            min=0.0, max=1.0, step=0.05, description="outside + boxes", continuous_update=False,
             tooltip="alpha (Eq. 13): how much regions outside positive boxes still count; 0 ignores them, 1 counts them fully",
         )
         for control in (self._concept, self._prototype, self._colormap):
             control.layout.width = "auto"
             control.style.description_width = "initial"
+        self._alpha.style.description_width = "initial"
         for control, setting, read in (
             (self._concept, "concept", lambda v: v or None),
             (self._prototype, "prototype", lambda v: None if v < 0 else v),
