@@ -312,10 +312,13 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=_LBFGS_ROUND, history_size=20, tolerance_grad=1e-9,
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
+    def penalised_loss() -> torch.Tensor:
+        _, logits = model.classify(rows)
+        return F.cross_entropy(logits, labels) + plan.task_l2 * weight.square().sum()
+
     def objective() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        _, logits = model.classify(rows)
-        loss = F.cross_entropy(logits, labels) + plan.task_l2 * weight.square().sum()
+        loss = penalised_loss()
         loss.backward()
         return loss
 
@@ -324,7 +327,9 @@ def train_task_head(model: CSRModel, train: FeatureCache, val: FeatureCache | No
     bar = tqdm(total=plan.task_epochs, desc="stage 3: task head", disable=not progress)
     while (done := optimizer.state[count].get("n_iter", 0)) < plan.task_epochs:
         optimizer.param_groups[0]["max_iter"] = min(_LBFGS_ROUND, plan.task_epochs - done)
-        loss = optimizer.step(objective).item()
+        optimizer.step(objective)
+        with torch.no_grad():
+            loss = penalised_loss().item()  # after the round (step returns the loss before it)
         iterations = optimizer.state[count]["n_iter"]
         score = _macro_f1(model, val_scores, val.labels) if val is not None else _macro_f1(model, scores, train.labels)
         history.append({"stage": 3, "epoch": iterations - 1, "train_loss": loss, "val_macro_f1": score})
