@@ -364,6 +364,7 @@ def refit_task_head(model: CSRModel, dataset: Dataset | FeatureCache, val_set: D
 
     Stage 3 again: standardisation and baselines re-measured, H trained from scratch on the
     current masks. Takes datasets or feature caches (faster when called repeatedly).
+    ``epochs``: L-BFGS iterations at most (``TrainingPlan.task_epochs``; it stops at the optimum).
     ``on_progress(fraction)``: called as the work advances, fraction in [0, 1] (caching
     the features, when datasets are given, counts as the first half).
     """
