@@ -203,7 +203,11 @@ def test_two_processes_learn_what_one_process_learns(two_processes):
     model = toy_model(seed=0)
     history = train(model, train_set, val_set, TrainingPlan(**{**PLAN, "batch_size": 32}), progress=False)
     shared = pd.read_csv(two_processes / "history.csv")
-    assert shared[["stage", "epoch"]].values.tolist() == history[["stage", "epoch"]].values.tolist()
+    # stages 1 and 2 run their epochs; stage 3 stops at its optimum, after as many L-BFGS
+    # iterations as the (slightly different) scores need
+    fixed = [stage_epoch for stage_epoch in history[["stage", "epoch"]].values.tolist() if stage_epoch[0] < 3]
+    assert [stage_epoch for stage_epoch in shared[["stage", "epoch"]].values.tolist() if stage_epoch[0] < 3] == fixed
+    assert (shared.stage == 3).any() and (history.stage == 3).any()
     for stage, column, tolerance in ((1, "train_loss", 0.05), (1, "val_concept_auc", 0.05), (3, "val_macro_f1", 0.1)):
         mine = history[history.stage == stage][column].to_numpy()[-1]
         theirs = shared[shared.stage == stage][column].to_numpy()[-1]
