@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 import torch
 
-from csr_widgets import Interaction, SyntheticCXR, load_pretrained
+from csr_widgets import SyntheticCXR, load_pretrained
 from csr_widgets._batching import iterate_batches
 from csr_widgets.evaluation import metrics
 from csr_widgets.evaluation.simulation import oracle_answer

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
