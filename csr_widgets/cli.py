@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--batch-size", type=int, default=None, help="stage-1 images per process per step")
     train.add_argument("--accumulate", type=int, default=None, help="stage-1 batches per optimiser step (gradient accumulation)")
     train.add_argument("--n-train", type=int, default=None, help="synthetic training images")
+    train.add_argument("--box-weight", type=float, default=None, metavar="W",
+                       help="weight of stage 1's box term, which asks each present concept's evidence to lie on its boxes "
+                            "(0: image-level labels only, the paper's; default: the recipe's, 0.1 for synthetic-cxr)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--atlas", action="store_true", help="also build the prototype atlas next to the model")
     train.add_argument("--install", action="store_true", help="copy the result into the package as the bundled model")
@@ -274,7 +277,7 @@ def _training_setup(args):
     if args.epochs:
         plan.update(concept_epochs=args.epochs[0], prototype_epochs=args.epochs[1], task_epochs=args.epochs[2])
     given = {"batch_size": args.batch_size, "accumulation_steps": args.accumulate, "bf16": args.bf16,
-             "channels_last": args.channels_last}
+             "channels_last": args.channels_last, "concept_box_weight": args.box_weight}
     plan.update({k: v for k, v in given.items() if v is not None}, seed=args.seed, num_workers=args.workers)
     return recipe, source, fields, TrainingPlan(**plan)
 

@@ -2,6 +2,7 @@
 small folders written by the exporters (single process here; torchrun at the end)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from csr_widgets.cli import main
+from csr_widgets.cli import _training_setup, main
 from csr_widgets.config import CSRConfig
 from csr_widgets.data import ISIC2018, SyntheticCXR, VinDrCXR
 from csr_widgets.data.exporters import TBX11K_CATEGORIES, write_concept_csv, write_isic, write_tbx11k, write_vindr
@@ -110,6 +111,21 @@ def test_the_paper_recipes_are_valid_and_name_their_datasets_concepts(name):
 def test_the_synthetic_recipe_stays_where_it_was():
     assert "synthetic-cxr" in recipe_names() and recipe("synthetic-cxr") is RECIPES["synthetic-cxr"]
     assert recipe_config("synthetic-cxr") == CSRConfig(**RECIPES["synthetic-cxr"].config)
+
+
+def test_the_box_weight_reaches_the_plan_and_is_checked():
+    def plan(*extra):
+        args = argparse.Namespace(recipe="synthetic-cxr", data=None, config=[], backbone=None, image_size=None, pretrained=False,
+                                  epochs=None, batch_size=None, accumulate=None, bf16=None, channels_last=None, seed=0,
+                                  workers=0, box_weight=None)
+        for name, value in extra:
+            setattr(args, name, value)
+        return _training_setup(args)[3]
+
+    assert plan().concept_box_weight == RECIPES["synthetic-cxr"].plan["concept_box_weight"] == 0.1
+    assert plan(("box_weight", 0.0)).concept_box_weight == 0.0  # the paper's image-level supervision
+    message = _cli_error(["train", "--recipe", "synthetic-cxr", "--box-weight", "-1", "--out", "unused"])
+    assert "TrainingPlan.concept_box_weight must be >= 0" in message
 
 
 def test_a_recipe_for_other_data_is_refused_with_the_fix(folders):

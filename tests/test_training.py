@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 from csr_widgets import CSRConfig, CSRModel
 from csr_widgets.evaluation.atlas import Atlas, build_atlas
 from csr_widgets.training import STAGES, TrainingPlan, set_stage, train
-from csr_widgets.training.losses import local_concept_vectors, prototype_loss
+from csr_widgets.training.losses import box_loss, local_concept_vectors, prototype_loss
 from csr_widgets.training.features import cache_features
-from csr_widgets.training.fitting import _reseed, concept_validation, refit_task_head, train_concepts, train_prototypes
+from csr_widgets.training.fitting import _reseed, box_cells, concept_validation, refit_task_head, train_concepts, train_prototypes
 
 
 class Squares(Dataset):
@@ -105,6 +105,53 @@ def test_reseeding_revives_dead_prototypes():
         assert own.max() > 0.99
     alive = ~dead
     torch.testing.assert_close(model.prototypes[alive], before[alive])
+
+
+def test_box_loss_matches_a_hand_computation_and_skips_unboxed_concepts():
+    cams = torch.tensor([[[[0.0, 1.0], [2.0, 0.5]], [[3.0, 0.0], [0.0, 0.0]]]])  # (1, 2, 2, 2)
+    cells = torch.zeros(1, 2, 2, 2, dtype=torch.bool)
+    cells[0, 0, 1, :] = True  # concept 0 boxed on its bottom row; concept 1 has no box
+    r = 2.0
+    weights = [math.exp(r * v) for v in (0.0, 1.0, 2.0, 0.5)]
+    expected = -math.log((weights[2] + weights[3]) / sum(weights))
+    assert box_loss(cams, cells, r).item() == pytest.approx(expected, rel=1e-6)
+    cams[0, 1] = torch.randn(2, 2)  # an unboxed concept's map does not count
+    assert box_loss(cams, cells, r).item() == pytest.approx(expected, rel=1e-6)
+    assert box_loss(cams, torch.zeros_like(cells), r).item() == 0.0
+
+
+def test_box_cells_are_the_cells_whose_centres_lie_in_the_box():
+    model = toy_model()  # stride 4 at 48 px: cell centres 0, 4, 8, ... (offset 0)
+    assert (model.grid.stride, model.grid.offset) == (4, 0.0)
+    boxes = [[("bright", 6.0, 13.0, 17.0, 14.0), ("elsewhere", 0.0, 0.0, 48.0, 48.0)], []]
+    cells = box_cells(model, boxes, (48, 48), (12, 12))
+    assert cells.shape == (2, 2, 12, 12) and not cells[1].any() and not cells[0, 1].any()
+    rows, cols = cells[0, 0].nonzero(as_tuple=True)
+    # x: pixels 6..16 hold the centres 8, 12, 16; y: pixel 13 alone holds none, so the cell
+    # nearest it (centre 12) stands in
+    assert sorted(set(cols.tolist())) == [2, 3, 4] and sorted(set(rows.tolist())) == [3]
+
+
+def test_the_box_term_moves_stage_one_evidence_onto_the_boxes():
+    shares = {}
+    for weight in (0.0, 1.0):
+        model = toy_model(seed=0)
+        train_concepts(model, Squares(64), None, TrainingPlan(concept_epochs=3, batch_size=16, concept_box_weight=weight), progress=False)
+        items = [Squares(32, seed=1)[i] for i in range(32)]
+        with torch.no_grad():
+            maps = model.encode(torch.stack([item["image"] for item in items])).concept_maps
+        cells = box_cells(model, [item["boxes"] for item in items], (48, 48), tuple(maps.shape[-2:]))
+        shares[weight] = math.exp(-box_loss(maps, cells, model.config.pooling_sharpness).item())
+    assert shares[1.0] > shares[0.0] + 0.1, shares
+
+
+def test_the_box_term_asks_for_boxes():
+    class Unboxed(Squares):
+        def __getitem__(self, index):
+            return {key: value for key, value in super().__getitem__(index).items() if key != "boxes"}
+
+    with pytest.raises(ValueError, match="concept_box_weight"):
+        train_concepts(toy_model(), Unboxed(16), None, TrainingPlan(concept_epochs=1, batch_size=16, concept_box_weight=0.1), progress=False)
 
 
 def test_stage_two_reports_usage_and_keeps_prototypes_alive():

@@ -26,7 +26,7 @@ from .._inference import evaluating
 from ..evaluation import metrics
 from ..model import CSRModel
 from .features import FeatureCache, autocast, cache_features, cached_scores, concept_vectors
-from .losses import concept_loss, pixel_loss, prototype_loss
+from .losses import box_loss, concept_loss, pixel_loss, prototype_loss
 from .run_folder import load_progress, save_progress
 from .stages import TrainingPlan, set_stage, trainable_parts
 
@@ -63,15 +63,41 @@ class BestEpoch:
 
 # ------------------------------------------------------------------ stage 1
 class ConceptLogits(nn.Module):
-    """Stage 1's forward pass as a module of its own, images -> concept logits (B, K): what
-    DistributedDataParallel wraps, so that its gradients are averaged across processes."""
+    """Stage 1's forward pass as a module of its own, images -> concept logits (B, K) and
+    the CAM (B, K, h, w) they pool: what DistributedDataParallel wraps, so that its
+    gradients are averaged across processes."""
 
     def __init__(self, model: CSRModel):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.pool_concepts(self.model.concept_head(self.model.features(images)))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        concept_maps = self.model.concept_head(self.model.features(images))
+        return self.model.pool_concepts(concept_maps), concept_maps
+
+
+def box_cells(model: CSRModel, boxes: list, image_size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """B lists of ground-truth boxes ``(concept, x0, y0, x1, y1)`` -> (B, K, h, w) bool: the
+    cells whose centre pixel lies in one of the concept's boxes (the Pointing Game's hit
+    rule, applied to cell centres); along an axis where a box holds no centre, the cell
+    nearest its middle. Boxes of concepts the model lacks are left out.
+    """
+    (H, W), (h, w), grid = image_size, cells, model.grid
+    mask = np.zeros((len(boxes), len(model.concepts), h, w), dtype=bool)
+
+    def axis(lo: int, hi: int, n: int) -> np.ndarray:
+        centre_pixels = np.floor(grid.centres(n).numpy() + 0.5)
+        inside = np.flatnonzero((centre_pixels >= lo) & (centre_pixels <= hi))
+        return inside if len(inside) else np.array([grid.cell_of((lo + hi) / 2, n)])
+
+    for b, image_boxes in enumerate(boxes):
+        for k, concept_boxes in enumerate(metrics.boxes_by_concept(image_boxes or [], model.concepts)):
+            for box in concept_boxes:
+                pixels = metrics.box_pixels(box, H, W)
+                if pixels is not None:
+                    y_lo, y_hi, x_lo, x_hi = pixels
+                    mask[b, k][np.ix_(axis(y_lo, y_hi, h), axis(x_lo, x_hi, w))] = True
+    return torch.from_numpy(mask)
 
 
 def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None, plan: TrainingPlan, progress: bool = True, resume_from: Path | None = None) -> list[dict]:
@@ -113,9 +139,16 @@ def train_concepts(model: CSRModel, train_set: Dataset, val_set: Dataset | None,
         epoch_batches = batches(epoch)
         for step, batch in enumerate(epoch_batches):
             last = (step + 1) % plan.accumulation_steps == 0 or step + 1 == len(epoch_batches)
+            images = batch["image"].to(model.device, non_blocking=pin)
             with autocast(model, bf16):
-                logits = forward(batch["image"].to(model.device, non_blocking=pin))
+                logits, concept_maps = forward(images)
             loss = concept_loss(logits.float(), batch["concepts"].to(model.device))
+            if plan.concept_box_weight > 0:
+                if batch.get("boxes") is None:
+                    raise ValueError("TrainingPlan.concept_box_weight > 0 needs concept boxes in the training items "
+                                     "(a 'boxes' entry); this dataset has none: set concept_box_weight to 0.")
+                boxed = box_cells(model, batch["boxes"], tuple(images.shape[-2:]), tuple(concept_maps.shape[-2:]))
+                loss = loss + plan.concept_box_weight * box_loss(concept_maps.float(), boxed.to(model.device), model.config.pooling_sharpness)
             # DDP averages gradients when the last batch of a step goes backward, not before
             with nullcontext() if last or not group.distributed else forward.no_sync():
                 (loss / plan.accumulation_steps).backward()
@@ -158,7 +191,7 @@ def concept_validation(model: CSRModel, dataset: Dataset, batch_size: int = 64, 
     with evaluating(model):
         for batch in loader(Subset(dataset, rows), batch_size, num_workers=num_workers, pin_memory=model.device.type == "cuda"):
             with autocast(model, bf16):
-                logits.append(forward(batch["image"]).float().cpu())
+                logits.append(forward(batch["image"])[0].float().cpu())
             truth.append(batch["concepts"].float())
     truth, logits = group.gather_rows(torch.cat(truth)), group.gather_rows(torch.cat(logits))
     return metrics.mean_auc(metrics.concept_auc(truth, logits)), concept_loss(logits, truth).item()

@@ -10,6 +10,23 @@ def concept_loss(concept_logits: torch.Tensor, concepts: torch.Tensor) -> torch.
     return F.binary_cross_entropy_with_logits(concept_logits, concepts.float())
 
 
+def box_loss(concept_maps: torch.Tensor, box_cells: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """Optional stage-1 term (ours, docs/decisions.md#concept-box-term): -log of the share of
+    each boxed concept's pooling weight softmax_hw(r CAM) that lies on its boxes' cells.
+
+    concept_maps (B, K, h, w), box_cells (B, K, h, w) bool (a concept without a box: all
+    False, left out), sharpness r -> mean over the boxed (image, concept) pairs; 0 when
+    there is none. softmax(r CAM) is the gradient of the log-mean-exp pooling, so the term
+    asks that the evidence the concept logit reads lie on the finding.
+    """
+    boxed = box_cells.flatten(2).any(-1)  # (B, K)
+    if not boxed.any():
+        return concept_maps.sum() * 0.0
+    log_weights = (sharpness * concept_maps.flatten(2)).log_softmax(-1)  # (B, K, hw)
+    inside = log_weights.masked_fill(~box_cells.flatten(2), -torch.inf).logsumexp(-1)
+    return -inside[boxed].mean()
+
+
 def local_concept_vectors(features: torch.Tensor, concept_maps: torch.Tensor) -> torch.Tensor:
     """Eq. 2: v_k = sum_hw softmax_hw(CAM_k)(h, w) * f(h, w).
 

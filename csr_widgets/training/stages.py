@@ -1,11 +1,11 @@
 """The three training stages: what each one trains (the table, docs/method.md#training) and
 how long and how fast (``TrainingPlan``).
 
-| stage | name       | trains                          | frozen                          | loss                     |
-|-------|------------|---------------------------------|---------------------------------|--------------------------|
-| 1     | concepts   | backbone F, concept head C      | projector P, prototypes p, H    | BCE on concept logits    |
-| 2     | prototypes | projector P, prototypes p       | F, C, H                         | SoftTriple (Eqs. 6-9)    |
-| 3     | task       | task head H                     | F, C, P, p                      | cross-entropy on labels  |
+| stage | name       | trains                          | frozen                          | loss                               |
+|-------|------------|---------------------------------|---------------------------------|------------------------------------|
+| 1     | concepts   | backbone F, concept head C      | projector P, prototypes p, H    | BCE on concept logits (+ box term) |
+| 2     | prototypes | projector P, prototypes p       | F, C, H                         | SoftTriple (Eqs. 6-9)              |
+| 3     | task       | task head H                     | F, C, P, p                      | cross-entropy on labels            |
 
 ``set_stage`` is the only place in the package that touches ``requires_grad``.
 """
@@ -35,6 +35,11 @@ class TrainingPlan:
     concept_lr: float = 1e-3  # AdamW, cosine decay, stage 1
     prototype_lr: float = 1e-3  # AdamW, stage 2
     task_l2: float = 1e-5  # stage 3: L2 penalty on H's weights, beside the mean cross-entropy (chosen on validation)
+    # Stage 1: weight of the box term beside the BCE, -log of the share of each present
+    # concept's pooling weight softmax_hw(r CAM) that falls on its boxes' cells. 0: image-level
+    # labels only (the paper's); > 0 needs training images with concept boxes (ours,
+    # docs/decisions.md#concept-box-term).
+    concept_box_weight: float = 0.0
     weight_decay: float = 1e-4  # on weights; never on prototypes, norms or biases
     seed: int = 0  # everything random in training follows from it
     # How the work runs; none of these changes what is learnt beyond rounding
@@ -45,6 +50,8 @@ class TrainingPlan:
     channels_last: bool | None = None  # NHWC layout for the convolutions; None: on CUDA only
 
     def __post_init__(self) -> None:
+        if not self.concept_box_weight >= 0:
+            raise ValueError(f"TrainingPlan.concept_box_weight must be >= 0, got {self.concept_box_weight!r}.")
         for name in ("concept_epochs", "prototype_epochs", "task_epochs", "num_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainingPlan.{name} must be an integer >= 0, got {getattr(self, name)!r}.")
