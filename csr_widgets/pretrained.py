@@ -50,7 +50,7 @@ RECIPES: dict[str, Recipe] = {
         train=dict(n=3000, split="train", **_SYNTHETIC, **_FILM),
         val=dict(n=300, split="val", **_SYNTHETIC, **_FILM),
         test=dict(n=1000, split="test", **_SYNTHETIC),
-        plan=dict(concept_epochs=12, prototype_epochs=30, task_epochs=300),
+        plan=dict(concept_epochs=12, prototype_epochs=30, task_epochs=300, concept_box_weight=0.1),
     ),
 }
 

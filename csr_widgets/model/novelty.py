@@ -10,8 +10,8 @@ map f to the training images' pooled features, under a Gaussian with a Ledoit-Wo
 shrunk covariance (Lee et al., NeurIPS 2018, use the same statistic on a classifier's
 features). An image is out of distribution when its distance exceeds a quantile (0.99)
 of the validation images' distances. Measured on the bundled model: 0.0% of held-out
-SyntheticCXR images flagged; a real PA chest film at 4.1x the threshold, a photograph,
-blank, grey and gradient images at 3.6-5.5x (docs/decisions.md#out-of-distribution).
+SyntheticCXR images flagged; a real PA chest film at 4.3x the threshold, a photograph,
+blank, grey and gradient images at 3.2-5.7x (docs/decisions.md#out-of-distribution).
 """
 from __future__ import annotations
 
