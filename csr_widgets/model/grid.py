@@ -155,6 +155,14 @@ class FeatureGrid:
         owner = self.owners(pixels, cells)
         return slice(int(owner[first]), int(owner[last]) + 1)
 
+    def centred_in(self, lo: int, hi: int, cells: int) -> np.ndarray:
+        """Cells along one axis whose centre's pixel (the nearest, as ``peak_pixels``) lies in
+        the inclusive pixel range [lo, hi]; when none does (a range narrower than a cell),
+        the cell nearest its middle. The Pointing Game's hit rule applied to cell centres."""
+        centre_pixels = np.floor(self.centres(cells).numpy() + 0.5)
+        inside = np.flatnonzero((centre_pixels >= lo) & (centre_pixels <= hi))
+        return inside if len(inside) else np.array([self.cell_of((lo + hi) / 2, cells)])
+
     def span(self, cell: int, pixels: int, cells: int) -> tuple[int, int]:
         """[first, last + 1) of the pixels a cell owns along one axis (the inverse of
         ``touched``: a box over exactly this span touches this cell only)."""

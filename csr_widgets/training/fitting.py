@@ -78,25 +78,18 @@ class ConceptLogits(nn.Module):
 
 def box_cells(model: CSRModel, boxes: list, image_size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
     """B lists of ground-truth boxes ``(concept, x0, y0, x1, y1)`` -> (B, K, h, w) bool: the
-    cells whose centre pixel lies in one of the concept's boxes (the Pointing Game's hit
-    rule, applied to cell centres); along an axis where a box holds no centre, the cell
-    nearest its middle. Boxes of concepts the model lacks are left out.
+    cells whose centre pixel lies in one of the concept's boxes (``FeatureGrid.centred_in``
+    along each axis). Boxes of concepts the model lacks are left out.
     """
     (H, W), (h, w), grid = image_size, cells, model.grid
     mask = np.zeros((len(boxes), len(model.concepts), h, w), dtype=bool)
-
-    def axis(lo: int, hi: int, n: int) -> np.ndarray:
-        centre_pixels = np.floor(grid.centres(n).numpy() + 0.5)
-        inside = np.flatnonzero((centre_pixels >= lo) & (centre_pixels <= hi))
-        return inside if len(inside) else np.array([grid.cell_of((lo + hi) / 2, n)])
-
     for b, image_boxes in enumerate(boxes):
         for k, concept_boxes in enumerate(metrics.boxes_by_concept(image_boxes or [], model.concepts)):
             for box in concept_boxes:
                 pixels = metrics.box_pixels(box, H, W)
                 if pixels is not None:
                     y_lo, y_hi, x_lo, x_hi = pixels
-                    mask[b, k][np.ix_(axis(y_lo, y_hi, h), axis(x_lo, x_hi, w))] = True
+                    mask[b, k][np.ix_(grid.centred_in(y_lo, y_hi, h), grid.centred_in(x_lo, x_hi, w))] = True
     return torch.from_numpy(mask)
 
 
